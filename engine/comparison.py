@@ -1,0 +1,74 @@
+"""The same prompt and settings on several models, one after another, side by side.
+
+Models load through the shared manager, so the memory budget holds: an idle model may be
+evicted to make room for the next one. With a seed, every model samples from the same seed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from engine.chat import ChatMessage
+from engine.errors import CancelledError, EngineError, InputError
+from engine.generation import GenerationResult, GenerationSettings, generate
+
+MAX_MODELS = 4
+
+
+@dataclass(frozen=True)
+class ModelOutcome:
+    """One model's side of a comparison: its result, or the one-line error it raised."""
+
+    model: str
+    result: GenerationResult | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Outcomes in the order the models were given."""
+
+    prompt: str
+    settings: GenerationSettings
+    outcomes: tuple[ModelOutcome, ...]
+
+
+def compare(
+    workbench,
+    names: Sequence[str],
+    prompt: str,
+    settings: GenerationSettings,
+    messages: Sequence[ChatMessage] | None = None,
+    cancel: threading.Event | None = None,
+    report: Callable[[float, str], None] | None = None,
+) -> Comparison:
+    """Generate with each model in ``names``. A model that fails gets its error, not a crash."""
+    names = [n.strip() for n in names if n and n.strip()]
+    if len(names) < 2:
+        raise InputError("Pick at least two models to compare.")
+    if len(set(names)) != len(names):
+        raise InputError("Each model can appear only once in a comparison.")
+    if len(names) > MAX_MODELS:
+        raise InputError(f"Compare at most {MAX_MODELS} models at a time.")
+    settings = settings.validated()
+    if settings.sampling and settings.seed is None:
+        settings = replace(settings, seed=0)  # same draws on every model, recorded
+    if not messages and not prompt.strip():
+        raise InputError("The prompt is empty: type some text to continue.")
+    outcomes = []
+    for i, name in enumerate(names):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("Comparison stopped.")
+        if report is not None:
+            report(i / len(names), f"{name}: loading and generating…")
+        try:
+            model = workbench.load(name)
+            result = generate(model.loaded, prompt, settings, messages)
+            outcomes.append(ModelOutcome(name, result, None))
+        except EngineError as exc:
+            outcomes.append(ModelOutcome(name, None, str(exc)))
+    if report is not None:
+        report(1.0, "done")
+    return Comparison(prompt, settings, tuple(outcomes))

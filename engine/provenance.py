@@ -1,0 +1,46 @@
+"""Provenance: what produced a result, so an auditor can reproduce it."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+_LIBRARIES = ("llmos-workbench", "torch", "transformers", "captum", "bertviz", "peft")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape results."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Model identity, numeric setting and software behind one result."""
+
+    model: str
+    fingerprint: str
+    dtype: str
+    device: str
+    seed: int | None = None
+    created: float = field(default_factory=time.time)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    @classmethod
+    def of(cls, loaded, seed: int | None = None) -> Provenance:
+        """Provenance of a run on a ``LoadedModel``."""
+        info = loaded.info()
+        return cls(
+            model=info.name,
+            fingerprint=info.fingerprint,
+            dtype=info.dtype,
+            device=info.device,
+            seed=seed,
+        )

@@ -1,0 +1,115 @@
+"""Tiny randomly initialised models built offline, for fast tests of every engine path.
+
+Each builder writes a complete Hugging Face folder (config, safetensors, fast tokenizer) that
+loads through the same code as a user's local folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_VOCAB_TEXT = """
+the a an of to and in is was it that this good bad great terrible movie film plot actor love hate
+boring fun i you we they he she not very really capital france paris city hello world model
+language text , . ! ?
+"""
+WORDS = tuple(_VOCAB_TEXT.split())
+
+
+def tiny_tokenizer():
+    """A fast word-level tokenizer (supports offsets, which captum's LLM API needs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def _save(model: torch.nn.Module, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 4-head Llama causal LM (about 30 k parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return _save(LlamaForCausalLM(config), folder)
+
+
+def tiny_bert(folder: Path, num_labels: int | None = None, seed: int = 0) -> Path:
+    """A 2-layer, 4-head BERT encoder; with ``num_labels`` a sequence classifier."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    if num_labels:
+        config.num_labels = num_labels
+        config.id2label = {
+            i: name for i, name in enumerate(["negative", "positive", "neutral"][:num_labels])
+        }
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        config.architectures = ["BertForSequenceClassification"]
+        return _save(BertForSequenceClassification(config), folder)
+    config.architectures = ["BertModel"]
+    return _save(BertModel(config), folder)
+
+
+def tiny_t5(folder: Path, seed: int = 0) -> Path:
+    """A 1+1-layer T5 encoder-decoder (translation/summarization path)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    return _save(T5ForConditionalGeneration(config), folder)

@@ -1,0 +1,169 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+# Integration tests share one store per checkout, so the one-off SmolLM2 conversion happens
+# once per clone rather than once per test run.
+SHARED_HOME = REPO / ".cache" / "test-home"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny random models: llama, bert, bert-classifier, t5."""
+    from engine import testing
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "llama": testing.tiny_llama(root / "tiny-llama"),
+        "bert": testing.tiny_bert(root / "tiny-bert"),
+        "classifier": testing.tiny_bert(root / "tiny-classifier", num_labels=2),
+        "t5": testing.tiny_t5(root / "tiny-t5"),
+    }
+
+
+@pytest.fixture
+def workbench(tmp_path):
+    """A CPU workbench with an empty private store."""
+    from engine import Workbench
+
+    return Workbench(home=tmp_path / "home", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_home() -> Path:
+    """The per-checkout store holding the converted embedded models."""
+    SHARED_HOME.mkdir(parents=True, exist_ok=True)
+    return SHARED_HOME
+
+
+@pytest.fixture(scope="session")
+def real_workbench(shared_home):
+    """One CPU workbench on the embedded models for all integration tests."""
+    from engine import Workbench
+
+    return Workbench(home=shared_home, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm(real_workbench):
+    return real_workbench.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm(real_workbench):
+    return real_workbench.load("minilm-l6")
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- real browser -------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = REPO / "artifacts"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(shared_home):
+    """The real app served by Streamlit on a free local port; yields its base URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    env = {**os.environ, "WORKBENCH_HOME": str(shared_home), "WORKBENCH_DEVICE": "cpu"}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / f"streamlit-{port}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "workbench/app.py",
+                "--server.port",
+                str(port),
+                "--server.address",
+                "127.0.0.1",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=1) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.terminate()
+        pytest.fail(f"Streamlit did not answer on {url} within 60 s; see {log}")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright. Missing browser: skip locally, FAIL under CI."""
+    if not Path(CHROMIUM).exists():
+        message = "chromium is not installed (make test installs it with apt-get)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; under CI the browser tests must run")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser tab with a tall viewport (Streamlit scrolls inside its own container)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 2000})
+    tab = context.new_page()
+    tab.set_default_timeout(120_000)
+    yield tab
+    context.close()

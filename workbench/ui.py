@@ -1,0 +1,111 @@
+"""Shared UI pieces: the one cached engine, the model picker, and the one place errors show.
+
+Heavy modules (torch, transformers) are imported inside functions, after the shell has drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import streamlit as st
+
+from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.api import Model, Workbench
+
+MODEL_KEY = "model_name"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@st.cache_resource(show_spinner=False)
+def get_workbench() -> Workbench:
+    """The process-wide engine, shared by every session and page."""
+    from engine.api import Workbench
+
+    return Workbench()
+
+
+def engine() -> Workbench:
+    """The shared engine, with a spinner the first time (torch import, about 8 s)."""
+    with st.spinner("Starting the engine (importing torch and transformers)…"):
+        return get_workbench()
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Turn an ``EngineError`` into a one-line message on the page and stop this run.
+
+    This is the only place engine errors become ``st.error``: bad input never shows a traceback.
+    """
+    try:
+        yield
+    except EngineError as exc:
+        st.error(str(exc), icon="⚠️")
+        st.stop()
+
+
+def selected_model_name() -> str:
+    return st.session_state.get(MODEL_KEY) or DEFAULT_MODEL
+
+
+def load_model(name: str) -> Model:
+    """Load (or fetch from the cache) ``name`` with a visible progress bar."""
+    from engine.api import Model
+
+    wb = engine()
+    cached = wb.manager.get(name)
+    if cached is not None:
+        return Model(cached)
+    bar = st.progress(0.0, text=f"Loading {name}…")
+    with guard():
+        model = wb.load(
+            name, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message)
+        )
+    bar.empty()
+    return model
+
+
+def current_model() -> Model:
+    """The model chosen in the sidebar, loaded."""
+    return load_model(selected_model_name())
+
+
+def _use_other_model() -> None:
+    # A callback runs before the script, so it may set the picker's key.
+    other = st.session_state.get("other_model", "").strip()
+    if other:
+        st.session_state[MODEL_KEY] = other
+
+
+def model_picker() -> None:
+    """Sidebar: choose the active model (embedded, stored, or any folder / hub id)."""
+    wb = engine()
+    names = [entry.name for entry in wb.catalog()]
+    current = selected_model_name()
+    if current not in names:
+        names.append(current)
+    st.sidebar.selectbox(
+        "Model",
+        names,
+        index=names.index(current),
+        key=MODEL_KEY,
+        help="Embedded models and models saved in the store. Add a folder or hub id below.",
+    )
+    with st.sidebar.expander("Other model"), st.form("other_model_form", border=False):
+        st.text_input("Local folder or hub id", key="other_model", placeholder="org/name")
+        st.form_submit_button("Use this model", on_click=_use_other_model)
+    place = wb.placement
+    st.sidebar.caption(f"Device: **{place.device}** · dtype: **{place.dtype_name}**")
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
