@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from engine.chat import ChatMessage
-from engine.errors import CancelledError, EngineError, InputError
-from engine.generation import GenerationResult, GenerationSettings, generate
+from engine.errors import EngineError, InputError
+from engine.generation import GenerationResult, GenerationSettings, prepare, run_generation
 
 MAX_MODELS = 4
 
@@ -44,7 +44,12 @@ def compare(
     cancel: threading.Event | None = None,
     report: Callable[[float, str], None] | None = None,
 ) -> Comparison:
-    """Generate with each model in ``names``. A model that fails gets its error, not a crash."""
+    """Generate with each model in ``names``. A model that fails gets its error, not a crash.
+
+    Setting ``cancel`` ends the current model's run after its next token (its outcome is a
+    result with finish_reason "cancelled") and skips the models not started yet: the
+    comparison then holds fewer outcomes than ``names``.
+    """
     names = [n.strip() for n in names if n and n.strip()]
     if len(names) < 2:
         raise InputError("Pick at least two models to compare.")
@@ -60,12 +65,13 @@ def compare(
     outcomes = []
     for i, name in enumerate(names):
         if cancel is not None and cancel.is_set():
-            raise CancelledError("Comparison stopped.")
+            break
         if report is not None:
             report(i / len(names), f"{name}: loading and generating…")
         try:
             model = workbench.load(name)
-            result = generate(model.loaded, prompt, settings, messages)
+            prepared = prepare(model.loaded, prompt, settings, messages)
+            result = run_generation(model.loaded, prepared, settings, cancel)
             outcomes.append(ModelOutcome(name, result, None))
         except EngineError as exc:
             outcomes.append(ModelOutcome(name, None, str(exc)))

@@ -43,8 +43,13 @@ def guard() -> Iterator[None]:
     try:
         yield
     except EngineError as exc:
-        st.error(str(exc), icon="⚠️")
+        show_error(str(exc))
         st.stop()
+
+
+def show_error(message: str) -> None:
+    """A one-line error on the page without stopping it (e.g. a worker thread's failure)."""
+    st.error(message, icon="⚠️")
 
 
 def selected_model_name() -> str:

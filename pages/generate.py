@@ -1,0 +1,321 @@
+"""Generate: prompt or chat, full sampling control, streaming with Stop, token probabilities,
+evaluation (perplexity, BLEU/chrF) and side-by-side comparison of models.
+
+Generation runs in an engine worker thread; a fragment polls its snapshot while it runs.
+"""
+
+import html
+import math
+
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+RUN, RESULT, HISTORY = "gen_run", "gen_result", "gen_history"
+COMPARE_JOB, COMPARISON = "gen_compare_job", "gen_comparison"
+POLL_S = 0.4
+IDLE_S = 30.0  # a run nobody polls for this long (closed tab) stops itself
+
+st.title("Generate")
+wb = ui.engine()
+
+from engine import presets as presets_mod  # noqa: E402  (after the engine spinner)
+from engine.chat import ChatMessage  # noqa: E402
+from engine.comparison import compare  # noqa: E402
+from engine.evaluation import overlap_scores, perplexity  # noqa: E402
+from engine.generation import (  # noqa: E402
+    GENERATIVE_KINDS,
+    GenerationSettings,
+    parse_seed,
+    parse_stop_sequences,
+)
+from engine.streaming import start_generation, start_job  # noqa: E402
+
+st.session_state.setdefault(HISTORY, [])
+
+
+def prob_colour(p: float) -> str:
+    """Red (unlikely) to green (likely) background for a probability in [0, 1]."""
+    return f"hsl({120 * max(0.0, min(1.0, p)):.0f}, 75%, 82%)"
+
+
+def token_html(tokens) -> str:
+    """Tokens as coloured spans; hover shows probability and the top alternatives."""
+    spans = []
+    for t in tokens:
+        p = math.exp(t.logprob)
+        alts = " | ".join(f"{a.text!r} {math.exp(a.logprob):.3f}" for a in t.alternatives)
+        text = html.escape(t.text).replace("\n", "↵<br>") or "∅"
+        tip = html.escape(f"p={p:.4f}  logprob={t.logprob:.3f}\n{alts}")
+        spans.append(
+            f'<span class="gen-token" title="{tip}" style="background:{prob_colour(p)};'
+            f'border-radius:3px;padding:0 1px;margin:0 1px;white-space:pre-wrap">{text}</span>'
+        )
+    return f'<div class="gen-tokens" style="line-height:1.9">{"".join(spans)}</div>'
+
+
+def read_settings() -> GenerationSettings:
+    """The decoding controls as engine settings (raises InputError for bad seed)."""
+    s = st.session_state
+    return GenerationSettings(
+        max_new_tokens=int(s.gen_max_new_tokens),
+        greedy=bool(s.gen_greedy),
+        temperature=float(s.gen_temperature),
+        top_k=int(s.gen_top_k),
+        top_p=float(s.gen_top_p),
+        repetition_penalty=float(s.gen_repetition_penalty),
+        seed=parse_seed(s.gen_seed),
+        stop_sequences=parse_stop_sequences(s.gen_stop),
+        keep_last_tokens=bool(s.gen_keep_last),
+    )
+
+
+# --- decoding controls (shared by Generate and Compare) -----------------------------------
+with st.expander("Decoding settings", expanded=True):
+    c1, c2, c3, c4 = st.columns(4)
+    c1.number_input("Max new tokens", min_value=1, value=64, step=16, key="gen_max_new_tokens")
+    c1.toggle("Greedy (deterministic)", value=False, key="gen_greedy")
+    c2.slider("Temperature", 0.0, 2.0, 0.7, 0.05, key="gen_temperature", help="0 means greedy.")
+    c2.number_input("Top-k (0 = off)", min_value=0, value=50, key="gen_top_k")
+    c3.slider("Top-p (1 = off)", 0.01, 1.0, 0.95, 0.01, key="gen_top_p")
+    c3.slider("Repetition penalty", 0.5, 2.0, 1.0, 0.05, key="gen_repetition_penalty")
+    c4.text_input("Seed (empty = random)", value="", key="gen_seed")
+    c4.text_input(
+        "Stop sequences", value="", key="gen_stop", help=r"Separate with |; \n is a newline."
+    )
+    c4.checkbox(
+        "Keep last tokens if the prompt is too long",
+        key="gen_keep_last",
+        help="Drop the start of a prompt that does not fit the context window.",
+    )
+    if not st.session_state.gen_greedy and st.session_state.gen_temperature == 0:
+        st.caption("Temperature 0: decoding is greedy.")
+
+tab_gen, tab_eval, tab_compare = st.tabs(["Generate", "Evaluate", "Compare models"])
+
+# --- collect a finished run (main body, so the whole page shows its result) ---------------
+run = st.session_state.get(RUN)
+if run is not None and run.done:
+    st.session_state.pop(RUN)
+    snap = run.snapshot()
+    if snap.error:
+        st.session_state["gen_error"] = snap.error
+    elif snap.result is not None:
+        st.session_state[RESULT] = snap.result
+        if snap.result.mode == "chat":
+            st.session_state[HISTORY].append(("assistant", snap.result.text))
+    run = None
+
+with tab_gen:
+    home = wb.home
+    with ui.guard():
+        all_presets = presets_mod.list_presets(home)
+    names = [p.name for p in all_presets]
+    left, right = st.columns([3, 2])
+    preset_name = left.selectbox("Task preset", names, key="gen_preset")
+    preset = all_presets[names.index(preset_name)]
+    chat_mode = preset.mode == "chat"
+    template = right.text_area(
+        "Template ({input} is replaced by your text)",
+        value=preset.template,
+        key=f"gen_template::{preset.name}",
+        height=68,
+    )
+    with st.expander("Save this template as a preset"):
+        new_name = st.text_input("Preset name", key="gen_preset_name")
+        b1, b2 = st.columns(2)
+        if b1.button("Save preset"):
+            with ui.guard():
+                saved = presets_mod.save_preset(
+                    home,
+                    presets_mod.Preset(
+                        new_name, template, preset.mode, int(st.session_state.gen_max_new_tokens)
+                    ),
+                )
+            st.success(f"Saved preset {saved.name!r} in {home}.")
+        if not preset.builtin and b2.button("Delete this preset"):
+            with ui.guard():
+                presets_mod.delete_preset(home, preset.name)
+            st.rerun()
+
+    if chat_mode:
+        st.text_input("System message (optional)", key="gen_system")
+        for role, content in st.session_state[HISTORY]:
+            with st.chat_message(role):
+                st.markdown(content)
+        if st.session_state[HISTORY] and st.button("Clear conversation"):
+            st.session_state[HISTORY] = []
+            st.session_state.pop(RESULT, None)
+            st.rerun()
+    prompt_label = "Your message" if chat_mode else "Prompt"
+    user_text = st.text_area(prompt_label, key="gen_input", height=120)
+    go = st.button(
+        "Send" if chat_mode else "Generate",
+        type="primary",
+        disabled=run is not None,
+        key="gen_go",
+    )
+    if go:
+        st.session_state.pop("gen_error", None)
+        with ui.guard():
+            settings = read_settings()
+            model = ui.current_model()
+            if preset.mode == "chat":
+                message = presets_mod.Preset(preset.name, template, "chat").render(user_text)
+                history = [ChatMessage(r, c) for r, c in st.session_state[HISTORY]]
+                system = st.session_state.get("gen_system", "").strip()
+                messages = ([ChatMessage("system", system)] if system else []) + history
+                messages.append(ChatMessage("user", message))
+                run = start_generation(
+                    model.loaded, message, settings, messages, idle_timeout_s=IDLE_S
+                )
+                st.session_state[HISTORY].append(("user", message))
+            else:
+                prompt = presets_mod.Preset(preset.name, template, "text").render(user_text)
+                run = start_generation(model.loaded, prompt, settings, idle_timeout_s=IDLE_S)
+        st.session_state[RUN] = run
+        st.session_state.pop(RESULT, None)
+
+    @st.fragment(run_every=POLL_S if run is not None else None)
+    def live_output() -> None:
+        """While a run is going: its text so far and a Stop button that frees the model."""
+        current = st.session_state.get(RUN)
+        if current is None:
+            return
+        snap = current.snapshot()
+        if snap.done:
+            st.rerun(scope="app")
+        with st.container(key="gen_stream", border=True):
+            st.markdown(f"{html.escape(snap.text)}▌" if snap.text else "…")
+            st.caption(
+                f"{len(snap.tokens)} tokens · {snap.seconds:.1f} s"
+                + (" · stopping…" if snap.cancelled else "")
+            )
+        st.button("Stop", key="gen_stop_button", on_click=current.stop, type="secondary")
+
+    live_output()
+
+    if st.session_state.get("gen_error"):
+        ui.show_error(st.session_state["gen_error"])
+    result = st.session_state.get(RESULT)
+    if result is not None and run is None:
+        if result.mode == "text":
+            with st.container(key="gen_output", border=True):
+                st.markdown(
+                    f"<span style='opacity:.55'>{html.escape(result.prompt)}</span>"
+                    f"<b>{html.escape(result.text)}</b>".replace("\n", "<br>"),
+                    unsafe_allow_html=True,
+                )
+        m = st.columns(6)
+        m[0].metric("Tokens", len(result.tokens))
+        m[1].metric("Finish", result.finish_reason)
+        m[2].metric("Log-prob", f"{result.logprob:.2f}")
+        m[3].metric("Perplexity", f"{result.perplexity:.2f}" if result.perplexity else "–")
+        tps = result.tokens_per_second
+        m[4].metric("Tokens/s", f"{tps:.1f}" if tps else "–")
+        ttft = result.first_token_seconds
+        m[5].metric("First token", f"{ttft:.2f} s" if ttft is not None else "–")
+        if result.dropped_prompt_tokens:
+            st.warning(
+                f"The prompt was too long: its first {result.dropped_prompt_tokens} tokens were "
+                "dropped to fit the context window."
+            )
+        st.caption(
+            f"Seed {result.settings.seed} · model {result.provenance.model} · "
+            f"fingerprint {result.provenance.fingerprint[:23]}…"
+        )
+        st.markdown("**Tokens** (colour = probability; hover for the top alternatives)")
+        st.markdown(token_html(result.tokens), unsafe_allow_html=True)
+        with st.expander("Token table"):
+            st.dataframe(pd.DataFrame(result.token_rows()), hide_index=True, width="stretch")
+        d1, d2 = st.columns(2)
+        d1.download_button(
+            "Export run (JSON)", result.to_json(), "generation.json", "application/json"
+        )
+        d2.download_button("Export tokens (CSV)", result.to_csv(), "tokens.csv", "text/csv")
+
+with tab_eval:
+    st.subheader("Perplexity of a text")
+    text = st.text_area("Text to score", key="eval_text", height=100)
+    if st.button("Compute perplexity", key="eval_ppl"):
+        with ui.guard(), st.spinner("Scoring…"):
+            ppl = perplexity(ui.current_model().loaded, text)
+        st.session_state["eval_ppl_result"] = ppl
+    ppl = st.session_state.get("eval_ppl_result")
+    if ppl is not None:
+        st.metric("Perplexity", f"{ppl.perplexity:.2f}", help="exp(mean negative log-likelihood)")
+        st.caption(f"{len(ppl.token_logprobs)} tokens scored · mean NLL {ppl.mean_nll:.3f} nats")
+    st.subheader("BLEU and chrF against a reference")
+    last = st.session_state.get(RESULT)
+    hyp = st.text_area(
+        "Output", value=last.text if last is not None else "", key="eval_hyp", height=80
+    )
+    ref = st.text_area("Reference", key="eval_ref", height=80)
+    if st.button("Score", key="eval_score"):
+        with ui.guard():
+            scores = overlap_scores(hyp, ref)
+        a, b = st.columns(2)
+        a.metric("BLEU", f"{scores.bleu:.2f}")
+        b.metric("chrF", f"{scores.chrf:.2f}")
+        st.caption(f"sacrebleu {scores.bleu_signature} · {scores.chrf_signature}")
+
+with tab_compare:
+    options = [e.name for e in wb.catalog() if e.kind in GENERATIVE_KINDS]
+    options += [m.name for m in wb.loaded() if m.kind in GENERATIVE_KINDS and m.name not in options]
+    current = ui.selected_model_name()
+    if current not in options:
+        options.append(current)
+    chosen = st.multiselect("Models", options, default=[current], key="cmp_models")
+    cmp_prompt = st.text_area("Prompt to compare", key="cmp_prompt", height=80)
+    job = st.session_state.get(COMPARE_JOB)
+    if st.button("Compare", key="cmp_go", disabled=job is not None):
+        with ui.guard():
+            settings = read_settings()
+            if len(chosen) < 2:
+                from engine.errors import InputError
+
+                raise InputError("Pick at least two models to compare.")
+            job = start_job(
+                lambda cancel, report: compare(
+                    wb, chosen, cmp_prompt, settings, cancel=cancel, report=report
+                )
+            )
+        st.session_state[COMPARE_JOB] = job
+        st.session_state.pop(COMPARISON, None)
+
+    @st.fragment(run_every=POLL_S if job is not None else None)
+    def compare_progress() -> None:
+        current_job = st.session_state.get(COMPARE_JOB)
+        if current_job is None:
+            return
+        if current_job.done:
+            st.session_state.pop(COMPARE_JOB)
+            st.session_state[COMPARISON] = current_job
+            st.rerun(scope="app")
+        st.progress(min(current_job.fraction, 1.0), text=current_job.message or "Starting…")
+        st.button("Stop", key="cmp_stop_button", on_click=current_job.stop)
+
+    compare_progress()
+    finished = st.session_state.get(COMPARISON)
+    if finished is not None:
+        if finished.error_message():
+            ui.show_error(finished.error_message())
+        else:
+            comparison = finished.result
+            cols = st.columns(len(comparison.outcomes))
+            for col, outcome in zip(cols, comparison.outcomes, strict=True):
+                with col, st.container(border=True):
+                    st.markdown(f"**{outcome.model}**")
+                    if outcome.error:
+                        ui.show_error(outcome.error)
+                    else:
+                        r = outcome.result
+                        st.markdown(
+                            html.escape(r.text).replace("\n", "<br>"), unsafe_allow_html=True
+                        )
+                        ppl_text = f"{r.perplexity:.2f}" if r.perplexity else "–"
+                        st.caption(
+                            f"{len(r.tokens)} tokens · {r.finish_reason} · perplexity {ppl_text}"
+                        )
+                        st.markdown(token_html(r.tokens), unsafe_allow_html=True)
