@@ -1,0 +1,490 @@
+"""The built-in attribution methods (captum, imported lazily) and attention rollout.
+
+Every method attributes a scalar score ``fn: (B, k, d) -> (B,)`` (see ``targets.Target``) to the
+k free input tokens and returns one score per free token:
+
+- gradient methods attribute to the embeddings (B, k, d) and sum over the hidden dimension d
+  (Saliency takes the L2 norm of the gradient instead);
+- perturbation methods replace whole tokens' embeddings by the baseline's (one feature per
+  token), so their scores are changes of the target score in nats;
+- attention rollout ignores the target (a baseline to compare against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from engine.attribution.registry import BASELINES, Method, Options, option, register
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """Scores for the k free tokens, (k,); IG's completeness error when it has one."""
+
+    scores: np.ndarray
+    convergence_delta: float | None = None
+
+
+def _seed(ctx) -> None:
+    torch.manual_seed(ctx.seed)
+    np.random.seed(ctx.seed)
+
+
+def _token_mask(ctx) -> torch.Tensor:
+    """(1, k, 1) feature mask: one feature per free token."""
+    k = ctx.inputs.shape[1]
+    return torch.arange(k, device=ctx.inputs.device).view(1, k, 1)
+
+
+def _per_token(attr: torch.Tensor) -> np.ndarray:
+    """(1, k, d) embedding attributions -> (k,) token scores (sum over d)."""
+    return attr.detach().float().sum(-1)[0].cpu().numpy()
+
+
+# --- gradient methods -------------------------------------------------------------------------
+
+
+@register
+class IntegratedGradients(Method):
+    name = "integrated_gradients"
+    title = "Integrated Gradients"
+    summary = (
+        "Path integral of gradients from a baseline to the input embeddings (layer IG on the "
+        "embedding layer). Complete: scores sum to f(input) - f(baseline), up to the "
+        "convergence delta shown."
+    )
+    family = "gradient"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        steps: int = option(
+            50, "Steps", "Points on the path (more = smaller delta).", min=2, max=1000
+        )
+        baseline: Literal["pad", "zero", "mask"] = option(
+            "pad", "Baseline", "What a token is replaced by at the path's start.", choices=BASELINES
+        )
+        integration: Literal["gausslegendre", "riemann_trapezoid"] = option(
+            "gausslegendre",
+            "Integration rule",
+            "captum's quadrature rule.",
+            choices=("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right"),
+        )
+        internal_batch_size: int = option(
+            0,
+            "Internal batch size",
+            "Path points per forward pass (0 = choose to fit memory).",
+            min=0,
+            max=4096,
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return options.steps + 2  # the path, plus input and baseline for the delta
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import IntegratedGradients as CaptumIG
+
+        o = ctx.options
+        attr, delta = CaptumIG(ctx.fn).attribute(
+            ctx.inputs,
+            baselines=ctx.baselines,
+            n_steps=o.steps,
+            method=o.integration,
+            internal_batch_size=ctx.batch_size,
+            return_convergence_delta=True,
+        )
+        return MethodOutput(_per_token(attr), float(delta.reshape(-1)[0]))
+
+
+@register
+class Saliency(Method):
+    name = "saliency"
+    title = "Saliency"
+    summary = "L2 norm of the score's gradient at each token's embedding (unsigned, local)."
+    family = "gradient"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        pass
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return 1
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import Saliency as CaptumSaliency
+
+        grad = CaptumSaliency(ctx.fn).attribute(ctx.inputs, abs=False)
+        return MethodOutput(grad.detach().float().norm(dim=-1)[0].cpu().numpy())
+
+
+@register
+class InputXGradient(Method):
+    name = "input_x_gradient"
+    title = "Input x Gradient"
+    summary = "Embedding times gradient, summed over the hidden dimension (signed, local)."
+    family = "gradient"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        pass
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return 1
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import InputXGradient as CaptumIxG
+
+        return MethodOutput(_per_token(CaptumIxG(ctx.fn).attribute(ctx.inputs)))
+
+
+@register
+class GradientShap(Method):
+    name = "gradient_shap"
+    title = "GradientSHAP"
+    summary = (
+        "Expected gradients: gradients at random points between the baseline and noisy "
+        "copies of the input, times (input - baseline)."
+    )
+    family = "gradient"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        samples: int = option(20, "Samples", "Random points per explanation.", min=1, max=2000)
+        stdevs: float = option(
+            0.0, "Noise std", "Gaussian noise added to the input.", min=0.0, max=10.0
+        )
+        baseline: Literal["pad", "zero", "mask"] = option(
+            "pad", "Baseline", "What a token is replaced by.", choices=BASELINES
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return options.samples
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import GradientShap as CaptumGS
+
+        _seed(ctx)
+        attr = CaptumGS(ctx.fn).attribute(
+            ctx.inputs,
+            baselines=ctx.baselines,
+            n_samples=ctx.options.samples,
+            stdevs=ctx.options.stdevs,
+        )
+        return MethodOutput(_per_token(attr))
+
+
+def _deeplift_blockers(model: torch.nn.Module) -> list[str]:
+    """Activation modules DeepLift has no rule for (it would silently use plain gradients)."""
+    from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+
+    supported = set(SUPPORTED_NON_LINEAR)
+    blockers = set()
+    for module in model.modules():
+        cls = type(module)
+        is_activation = cls.__module__ == "torch.nn.modules.activation" or cls.__name__.endswith(
+            ("Activation", "GELU", "SiLU", "Swish")
+        )
+        if (
+            is_activation
+            and cls not in supported
+            and not isinstance(module, torch.nn.MultiheadAttention)
+        ):
+            blockers.add(cls.__name__)
+    return sorted(blockers)
+
+
+class _ScoreModule(torch.nn.Module):
+    """The target score as an ``nn.Module`` (DeepLift hooks the model's activations)."""
+
+    def __init__(self, model: torch.nn.Module, fn) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+@register
+class DeepLift(Method):
+    name = "deeplift"
+    title = "DeepLift"
+    summary = (
+        "Rescale rule on the model's activation modules (ReLU, Tanh, Sigmoid, ...). Only "
+        "offered when every activation has a rule; attention softmax and LayerNorm are "
+        "treated by their gradients."
+    )
+    family = "gradient"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        baseline: Literal["pad", "zero", "mask"] = option(
+            "pad", "Baseline", "Reference input.", choices=BASELINES
+        )
+
+    @classmethod
+    def incompatibility(cls, loaded) -> str | None:
+        blockers = _deeplift_blockers(loaded.model)
+        if blockers:
+            return (
+                f"DeepLift has no rule for its {', '.join(blockers)} activation(s); use "
+                "Integrated Gradients instead."
+            )
+        return None
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return 2
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import DeepLift as CaptumDeepLift
+
+        module = _ScoreModule(ctx.loaded.model, ctx.fn)
+        attr = CaptumDeepLift(module).attribute(ctx.inputs, baselines=ctx.baselines)
+        return MethodOutput(_per_token(attr))
+
+
+# --- perturbation methods ---------------------------------------------------------------------
+
+
+def _perturbation_scores(attr: torch.Tensor) -> np.ndarray:
+    """(1, k, d) attributions, constant over d within a token -> (k,)."""
+    return attr.detach().float()[0, :, 0].cpu().numpy()
+
+
+_BASELINE_OPTION = dict(
+    label="Replacement", help="What a removed token becomes.", choices=BASELINES
+)
+
+
+@register
+class FeatureAblation(Method):
+    name = "feature_ablation"
+    title = "Feature Ablation"
+    summary = "Score drop when each token alone is replaced by the baseline token (leave-one-out)."
+    family = "perturbation"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
+        internal_batch_size: int = option(
+            0, "Internal batch size", "Perturbations per forward pass (0 = auto).", min=0, max=4096
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return n_features + 1
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import FeatureAblation as CaptumFA
+
+        attr = CaptumFA(ctx.fn).attribute(
+            ctx.inputs,
+            baselines=ctx.baselines,
+            feature_mask=_token_mask(ctx),
+            perturbations_per_eval=ctx.batch_size,
+        )
+        return MethodOutput(_perturbation_scores(attr))
+
+
+@register
+class Occlusion(Method):
+    name = "occlusion"
+    title = "Occlusion"
+    summary = "Score drop when a sliding window of tokens is replaced, averaged per token."
+    family = "perturbation"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        window: int = option(3, "Window", "Tokens hidden at once.", min=1, max=64)
+        baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
+        internal_batch_size: int = option(
+            0, "Internal batch size", "Windows per forward pass (0 = auto).", min=0, max=4096
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return max(n_features - options.window + 1, 1) + 1
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import Occlusion as CaptumOcclusion
+
+        k, d = ctx.inputs.shape[1:]
+        window = min(ctx.options.window, k)
+        attr = CaptumOcclusion(ctx.fn).attribute(
+            ctx.inputs,
+            sliding_window_shapes=(window, d),
+            strides=(1, d),
+            baselines=ctx.baselines,
+            perturbations_per_eval=ctx.batch_size,
+        )
+        return MethodOutput(_perturbation_scores(attr))
+
+
+@register
+class ShapleyValueSampling(Method):
+    name = "shapley_value_sampling"
+    title = "Shapley Value Sampling"
+    summary = "Average marginal contribution of each token over random token orderings."
+    family = "perturbation"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        samples: int = option(25, "Samples", "Random permutations (n_samples).", min=1, max=1000)
+        baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
+        internal_batch_size: int = option(
+            0, "Internal batch size", "Perturbations per forward pass (0 = auto).", min=0, max=4096
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return options.samples * n_features + 1  # captum: one baseline row, then k per permutation
+
+    def run(self, ctx) -> MethodOutput:
+        from captum.attr import ShapleyValueSampling as CaptumSVS
+
+        _seed(ctx)
+        attr = CaptumSVS(ctx.fn).attribute(
+            ctx.inputs,
+            baselines=ctx.baselines,
+            feature_mask=_token_mask(ctx),
+            n_samples=ctx.options.samples,
+            perturbations_per_eval=ctx.batch_size,
+        )
+        return MethodOutput(_perturbation_scores(attr))
+
+
+class _SurrogateMethod(Method):
+    """LIME / KernelSHAP: captum's sampling with a closed-form surrogate (``surrogate.py``)."""
+
+    family = "perturbation"
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return options.samples
+
+    def explainer(self, ctx):
+        raise NotImplementedError
+
+    def run(self, ctx) -> MethodOutput:
+        _seed(ctx)
+        attr = self.explainer(ctx).attribute(
+            ctx.inputs,
+            baselines=ctx.baselines,
+            feature_mask=_token_mask(ctx),
+            n_samples=ctx.options.samples,
+            perturbations_per_eval=ctx.batch_size,
+        )
+        return MethodOutput(_perturbation_scores(attr))
+
+
+_SAMPLES = dict(label="Samples", help="Random token subsets scored.", min=2, max=20000)
+_BATCH = dict(
+    label="Internal batch size", help="Perturbations per forward pass (0 = auto).", min=0, max=4096
+)
+
+
+@register
+class Lime(_SurrogateMethod):
+    name = "lime"
+    title = "LIME"
+    summary = (
+        "A sparse linear model (weighted Lasso, captum's default objective) fitted to the "
+        "scores of random token subsets, weighted by cosine similarity to the input."
+    )
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        samples: int = option(200, **_SAMPLES)
+        alpha: float = option(
+            0.01, "Lasso alpha", "L1 penalty (0 = plain least squares).", min=0.0, max=10.0
+        )
+        baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
+        internal_batch_size: int = option(0, **_BATCH)
+
+    def explainer(self, ctx):
+        from captum.attr import Lime as CaptumLime
+
+        from engine.attribution.surrogate import WeightedLasso
+
+        return CaptumLime(ctx.fn, interpretable_model=WeightedLasso(ctx.options.alpha))
+
+
+@register
+class KernelShap(_SurrogateMethod):
+    name = "kernel_shap"
+    title = "KernelSHAP"
+    summary = (
+        "Weighted linear regression on token subsets drawn from the Shapley kernel: "
+        "approximates Shapley values."
+    )
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        samples: int = option(200, **_SAMPLES)
+        baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
+        internal_batch_size: int = option(0, **_BATCH)
+
+    def explainer(self, ctx):
+        from captum.attr import KernelShap as CaptumKernelShap
+
+        from engine.attribution.surrogate import WeightedLinearRegression
+
+        explainer = CaptumKernelShap(ctx.fn)
+        explainer.interpretable_model = WeightedLinearRegression()  # no scikit-learn needed
+        return explainer
+
+
+# --- attention baseline -----------------------------------------------------------------------
+
+
+@register
+class AttentionRollout(Method):
+    name = "attention_rollout"
+    title = "Attention rollout"
+    summary = (
+        "Attention weights multiplied through the layers (Abnar & Zuidema 2020), read at the "
+        "predicting position. Ignores the target: a baseline, not an explanation."
+    )
+    family = "attention"
+
+    @dataclass(frozen=True)
+    class Options(Options):
+        head_fusion: Literal["mean", "max"] = option(
+            "mean", "Head fusion", "How heads are combined per layer.", choices=("mean", "max")
+        )
+
+    @classmethod
+    def forward_rows(cls, n_features: int, options) -> int:
+        return 1
+
+    def run(self, ctx) -> MethodOutput:
+        target = ctx.target
+        with ctx.loaded.eager_attention(), torch.no_grad():
+            out = ctx.loaded.model(input_ids=target.input_ids, output_attentions=True)
+        attentions = [a for a in (out.attentions or ()) if a is not None]
+        if not attentions:
+            from engine.errors import EngineError
+
+            raise EngineError(
+                f"{ctx.loaded.name} returned no attention weights: rollout needs them."
+            )
+        n = target.n_tokens
+        rollout = torch.eye(n)
+        for layer in attentions:  # (1, heads, n, n)
+            a = layer[0].float().cpu()
+            a = a.max(0).values if ctx.options.head_fusion == "max" else a.mean(0)
+            a = 0.5 * a + 0.5 * torch.eye(n)
+            a = a / a.sum(-1, keepdim=True)
+            rollout = a @ rollout
+        cls_first = (not target.is_lm) and not bool(target.free[0])
+        query = 0 if cls_first else n - 1
+        row = rollout[query].numpy()
+        return MethodOutput(row[target.free_mask()])

@@ -1,0 +1,517 @@
+"""Attribution engine on tiny random models: targets, methods vs direct captum, trust figures."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from engine.attribution import (
+    Attribution,
+    TargetSpec,
+    agreement,
+    all_methods,
+    available_methods,
+    budget,
+    estimate,
+    explain,
+    get_method,
+    html_report,
+)
+from engine.attribution.agreement import kendall, spearman, top_k_overlap
+from engine.attribution.faithfulness import curve_points
+from engine.attribution.targets import Target
+from engine.errors import CancelledError, InputError, MemoryBudgetError
+
+LM_TEXT = "the capital of france is"
+CLS_TEXT = "this movie is very good . the plot is boring !"
+
+
+@pytest.fixture(scope="module")
+def wb(tmp_path_factory):
+    from engine import Workbench
+
+    return Workbench(home=tmp_path_factory.mktemp("attr-home"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def llama(wb, tiny_models):
+    return wb.load(str(tiny_models["llama"])).loaded
+
+
+@pytest.fixture(scope="module")
+def classifier(wb, tiny_models):
+    return wb.load(str(tiny_models["classifier"])).loaded
+
+
+# --- registry -----------------------------------------------------------------------------
+
+
+def test_registry_lists_every_required_method():
+    names = {m.name for m in all_methods()}
+    assert {
+        "integrated_gradients",
+        "saliency",
+        "input_x_gradient",
+        "gradient_shap",
+        "deeplift",
+        "feature_ablation",
+        "occlusion",
+        "shapley_value_sampling",
+        "lime",
+        "kernel_shap",
+        "attention_rollout",
+    } <= names
+    for method in all_methods():
+        defaults = method.make_options()  # every method has valid defaults
+        assert dataclass_is_frozen(defaults)
+
+
+def dataclass_is_frozen(obj) -> bool:
+    with pytest.raises(Exception):  # noqa: B017 - FrozenInstanceError
+        obj.__setattr__("x", 1)
+    return True
+
+
+def test_available_methods_excludes_deeplift_on_silu_and_gelu(llama, classifier):
+    for loaded in (llama, classifier):
+        names = [m.name for m in available_methods(loaded)]
+        assert "deeplift" not in names and "integrated_gradients" in names
+    reason = get_method("deeplift").incompatibility(llama)
+    assert "SiLU" in reason
+
+
+def test_option_specs_drive_controls():
+    specs = {s.name: s for s in get_method("integrated_gradients").option_specs()}
+    assert specs["steps"].type == "int" and specs["steps"].default == 50
+    assert specs["baseline"].type == "choice" and specs["baseline"].choices == (
+        "pad",
+        "zero",
+        "mask",
+    )
+    assert get_method("shapley_value_sampling").make_options({"samples": 3}).samples == 3
+
+
+def test_bad_method_and_options_are_clear():
+    with pytest.raises(InputError, match="choose one of: integrated_gradients"):
+        get_method("magic")
+    with pytest.raises(InputError, match="steps must be at least 2"):
+        get_method("ig").make_options({"steps": 1})
+    with pytest.raises(InputError, match="baseline must be one of pad, zero, mask"):
+        get_method("ig").make_options({"baseline": "noise"})
+    with pytest.raises(InputError, match="has no option samples"):
+        get_method("ig").make_options({"samples": 5})
+
+
+# --- targets: every score checked against a direct log-probability ---------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TargetSpec(),
+        TargetSpec(text=" paris"),
+        TargetSpec(text=" paris city ."),
+        TargetSpec(text=" paris", contrast=" the"),
+    ],
+    ids=["next-token", "one-token", "continuation", "contrast"],
+)
+def test_lm_target_score_equals_direct_logprob(llama, spec):
+    with llama.use():
+        target = Target(llama, LM_TEXT, spec)
+        with torch.no_grad():
+            mine = float(target.score(target.free_embeds()))
+        direct = target.direct_score()
+    assert mine == pytest.approx(direct, abs=1e-5)
+    # and against an independent from-scratch computation with plain token ids
+    tok = llama.tokenizer
+    ids = tok(LM_TEXT, return_tensors="pt")["input_ids"]
+
+    def logprob(cont_ids):
+        full = torch.cat([ids[0], torch.tensor(cont_ids)]).unsqueeze(0)
+        with torch.no_grad():
+            lp = torch.log_softmax(llama.model(full).logits[0], -1)
+        return sum(float(lp[ids.shape[1] - 1 + j, t]) for j, t in enumerate(cont_ids))
+
+    if spec.text:
+        expected = logprob(tok(spec.text, add_special_tokens=False)["input_ids"])
+        if spec.contrast:
+            expected -= logprob(tok(spec.contrast, add_special_tokens=False)["input_ids"])
+    else:
+        with torch.no_grad():
+            logits = llama.model(ids).logits[0, -1]
+        expected = float(torch.log_softmax(logits, -1).max())
+    assert mine == pytest.approx(expected, abs=1e-5)
+
+
+def test_lm_target_matches_captum_llm_attribution_forward(llama):
+    """captum's LLMAttribution with use_cached_outputs=False scores the same log-prob."""
+    from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
+
+    tok = llama.tokenizer
+    llm = LLMAttribution(FeatureAblation(llama.model), tok, attr_target="log_prob")
+    inp = TextTokenInput(LM_TEXT, tok)
+    target_ids = torch.tensor(tok(" paris city", add_special_tokens=False)["input_ids"])
+    captum_value = llm._forward_func(None, inp, target_ids, use_cached_outputs=False)
+    with llama.use():
+        target = Target(llama, LM_TEXT, TargetSpec(text=" paris city"))
+        with torch.no_grad():
+            per_token = target.forward(target.free_embeds())[0]
+    total, *tokens = captum_value[0].tolist()  # [total, per-token...]
+    assert total == pytest.approx(float(per_token.sum()), abs=1e-5)
+    np.testing.assert_allclose(tokens, per_token.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "spec", [TargetSpec(), TargetSpec(label="negative"), TargetSpec(label="1", contrast="negative")]
+)
+def test_classifier_target_score_equals_direct(classifier, spec):
+    with classifier.use():
+        target = Target(classifier, CLS_TEXT, spec)
+        with torch.no_grad():
+            mine = float(target.score(target.free_embeds()))
+        ids = target.input_ids
+        with torch.no_grad():
+            logits = classifier.model(input_ids=ids).logits[0]
+    if spec.contrast:
+        expected = float(logits[1] - logits[0])
+    else:
+        index = int(logits.argmax()) if not spec.label else 0
+        expected = float(torch.log_softmax(logits, -1)[index])
+    assert mine == pytest.approx(expected, abs=1e-5)
+
+
+# --- attributions equal a direct captum call with the same settings ------------------------
+
+
+def _direct_ig_classifier(loaded, text, label, steps):
+    from captum.attr import LayerIntegratedGradients
+
+    tok = loaded.tokenizer
+    enc = tok(text, return_tensors="pt", return_special_tokens_mask=True)
+    ids = enc["input_ids"]
+    baseline = ids.clone()
+    baseline[enc["special_tokens_mask"].bool()] = -1
+    baseline[baseline != -1] = tok.pad_token_id
+    baseline[baseline == -1] = ids[baseline == -1]
+
+    def forward(input_ids):
+        return torch.log_softmax(loaded.model(input_ids=input_ids).logits, -1)[:, label]
+
+    lig = LayerIntegratedGradients(forward, loaded.model.get_input_embeddings())
+    attr, delta = lig.attribute(
+        ids, baselines=baseline, n_steps=steps, return_convergence_delta=True
+    )
+    return attr.sum(-1)[0].detach().numpy(), float(delta[0])
+
+
+def test_ig_classifier_allclose_to_direct_captum(classifier):
+    result = explain(
+        classifier,
+        CLS_TEXT,
+        TargetSpec(label="positive"),
+        "integrated_gradients",
+        {"steps": 32},
+        faithfulness=False,
+    )
+    direct, delta = _direct_ig_classifier(classifier, CLS_TEXT, 1, 32)
+    np.testing.assert_allclose(result.scores, direct, atol=1e-6, rtol=1e-4)
+    assert result.convergence_delta == pytest.approx(delta, abs=1e-6)
+
+
+def test_ig_causal_lm_allclose_to_captum_llm_gradient_attribution(llama):
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    tok = llama.tokenizer
+    llm = LLMGradientAttribution(
+        LayerIntegratedGradients(llama.model, llama.model.get_input_embeddings()), tok
+    )
+    inp = TextTokenInput(LM_TEXT, tok)
+    baselines = torch.full_like(inp.to_tensor(), tok.pad_token_id)
+    direct = llm.attribute(inp, target=" paris city", baselines=baselines, n_steps=20)
+    result = explain(
+        llama,
+        LM_TEXT,
+        TargetSpec(text=" paris city", anchor_first=False),
+        "ig",
+        {"steps": 20},
+        per_token=True,
+        faithfulness=False,
+    )
+    np.testing.assert_allclose(result.token_matrix, direct.token_attr.numpy(), atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(result.scores, direct.seq_attr.numpy(), atol=1e-5, rtol=1e-4)
+    # without the matrix, the sequence scores come from one run on the summed score
+    single = explain(
+        llama,
+        LM_TEXT,
+        TargetSpec(text=" paris city", anchor_first=False),
+        "ig",
+        {"steps": 20},
+        faithfulness=False,
+    )
+    np.testing.assert_allclose(single.scores, result.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_feature_ablation_allclose_to_captum_llm_attribution(llama):
+    from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
+
+    tok = llama.tokenizer
+    llm = LLMAttribution(FeatureAblation(llama.model), tok, attr_target="log_prob")
+    inp = TextTokenInput(LM_TEXT, tok, baselines=tok.pad_token_id)
+    direct = llm.attribute(inp, target=" paris", use_cached_outputs=False)
+    result = explain(
+        llama,
+        LM_TEXT,
+        TargetSpec(text=" paris", anchor_first=False),
+        "feature_ablation",
+        faithfulness=False,
+    )
+    np.testing.assert_allclose(result.scores, direct.seq_attr.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["saliency", "input_x_gradient"])
+def test_gradient_methods_allclose_to_direct_captum(classifier, name):
+    import captum.attr
+
+    cls = {"saliency": "Saliency", "input_x_gradient": "InputXGradient"}[name]
+    with classifier.use():
+        target = Target(classifier, CLS_TEXT, TargetSpec(label="positive"))
+        x = target.free_embeds().requires_grad_()
+        kwargs = {"abs": False} if name == "saliency" else {}
+        attr = getattr(captum.attr, cls)(target.score).attribute(x, **kwargs).detach()
+    expected = attr.norm(dim=-1)[0] if name == "saliency" else attr.sum(-1)[0]
+    result = explain(classifier, CLS_TEXT, TargetSpec(label="positive"), name, faithfulness=False)
+    np.testing.assert_allclose(result.scores[result.free], expected.numpy(), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [m.name for m in all_methods() if m.name != "deeplift"])
+def test_every_method_runs_on_both_kinds(llama, classifier, name):
+    for loaded, text, spec in (
+        (llama, LM_TEXT, TargetSpec(text=" paris")),
+        (classifier, CLS_TEXT, TargetSpec()),
+    ):
+        options = (
+            {"samples": 8} if "samples" in {s.name for s in get_method(name).option_specs()} else {}
+        )
+        result = explain(loaded, text, spec, name, options)
+        # the pre-flight estimate counts exactly the rows the method runs
+        assert result.forward_rows == estimate(loaded, text, spec, name, options).rows
+        assert result.scores.shape == (len(result.tokens),)
+        assert np.all(result.scores[~result.free] == 0)
+        assert np.isfinite(result.scores).all()
+        assert result.faithfulness is not None
+
+
+def test_deeplift_runs_where_activations_have_rules(tmp_path, wb):
+    """A BERT with ReLU activations: DeepLift is offered and equals a direct captum call."""
+    from captum.attr import DeepLift
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from engine import testing
+
+    torch.manual_seed(0)
+    tok = testing.tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_act="relu",
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    folder = tmp_path / "relu-bert"
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded = wb.load(str(folder)).loaded
+    assert "deeplift" in [m.name for m in available_methods(loaded)]
+    result = explain(loaded, CLS_TEXT, TargetSpec(label="0"), "deeplift", faithfulness=False)
+    from engine.attribution.methods import _ScoreModule
+
+    with loaded.use():
+        target = Target(loaded, CLS_TEXT, TargetSpec(label="0"))
+        attr = DeepLift(_ScoreModule(loaded.model, target.score)).attribute(
+            target.free_embeds().requires_grad_(), baselines=target.baseline_free_embeds("pad")
+        )
+    np.testing.assert_allclose(
+        result.scores[result.free], attr.sum(-1)[0].detach().numpy(), atol=1e-6
+    )
+
+
+# --- trust figures ------------------------------------------------------------------------
+
+
+def test_ig_completeness_relation_and_statement(classifier):
+    result = explain(classifier, CLS_TEXT, TargetSpec(), "ig", {"steps": 64})
+    gap = result.target_score - result.baseline_score
+    assert result.scores.sum() - gap == pytest.approx(result.convergence_delta, abs=1e-5)
+    statement = result.delta_statement()
+    assert ("converged" in statement) == (result.relative_delta <= 0.01)
+    assert "completeness error" in statement
+
+
+def test_faithfulness_curves_are_consistent(llama):
+    result = explain(llama, LM_TEXT, TargetSpec(text=" paris"), "feature_ablation")
+    f = result.faithfulness
+    assert f.fractions[0] == 0 and f.fractions[-1] == 1
+    assert f.deletion[0] == pytest.approx(result.target_score, abs=1e-5)
+    assert f.insertion[-1] == pytest.approx(result.target_score, abs=1e-5)
+    assert f.deletion[-1] == pytest.approx(f.insertion[0], abs=1e-5)  # everything removed
+    assert f.comprehensiveness == pytest.approx(
+        np.mean(result.target_score - f.deletion[1:]), abs=1e-6
+    )
+    assert list(curve_points(50)) == sorted(set(curve_points(50)))
+    assert len(curve_points(50)) == 21 and curve_points(3).tolist() == [0, 1, 2, 3]
+
+
+def test_agreement_statistics_match_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=12), rng.normal(size=12)
+    b[3] = b[4]  # a tie
+    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+    assert kendall(a, b) == pytest.approx(scipy_stats.kendalltau(a, b).statistic)
+    assert top_k_overlap(np.arange(6.0), np.arange(6.0)[::-1], 3) == 0.0
+    assert top_k_overlap(np.arange(6.0), np.arange(6.0), 3) == 1.0
+
+
+def test_agreement_table_and_mismatch(classifier, llama):
+    runs = [
+        explain(classifier, CLS_TEXT, TargetSpec(), m, faithfulness=False)
+        for m in ("ig", "feature_ablation", "saliency")
+    ]
+    table = agreement(runs)
+    assert len(table.rows) == 3 and {r.method_a for r in table.rows} >= {"integrated_gradients"}
+    other = explain(llama, LM_TEXT, TargetSpec(), "saliency", faithfulness=False)
+    with pytest.raises(InputError, match="same model, text and target"):
+        agreement([runs[0], other])
+
+
+def test_grouping_into_sentences(classifier):
+    result = explain(classifier, CLS_TEXT, TargetSpec(), "feature_ablation", faithfulness=False)
+    labels, sums = result.groups("sentence")
+    assert labels == ["this movie is very good .", "the plot is boring !"]
+    free = result.scores[result.free]
+    assert sums.sum() == pytest.approx(free.sum())
+    words, _ = result.groups("word")
+    assert words[:2] == ["this", "movie"]
+
+
+# --- runs: progress, cancel, memory, bad input ------------------------------------------------
+
+
+def test_progress_and_cancel(llama):
+    seen = []
+    explain(
+        llama,
+        LM_TEXT,
+        TargetSpec(),
+        "ig",
+        {"steps": 10},
+        progress=lambda f, m: seen.append(f),
+        faithfulness=False,
+    )
+    assert seen and seen[-1] == 1.0 and all(0 <= f <= 1 for f in seen)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError, match="cancelled"):
+        explain(llama, LM_TEXT, TargetSpec(), "ig", cancel=cancel)
+
+
+def test_estimate_and_memory_refusal(llama, monkeypatch):
+    e = estimate(llama, LM_TEXT, TargetSpec(text=" paris"), "ig", {"steps": 50})
+    assert e.rows == 52 and e.tokens == 6 and e.fits and e.seconds > 0 and e.extra_rows == 0
+    with_curves = estimate(
+        llama, LM_TEXT, TargetSpec(text=" paris"), "ig", {"steps": 50}, faithfulness=True
+    )
+    assert with_curves.extra_rows == 3 * 5  # 0..4 tokens removed, three curves
+    assert with_curves.seconds > e.seconds and with_curves.rows == e.rows
+    # 5 tokens, the first held fixed (no BOS): k = 4 free tokens; captum scores the baseline
+    # once, then k perturbations per permutation
+    big = estimate(llama, LM_TEXT, TargetSpec(), "shapley_value_sampling", {"samples": 10})
+    assert big.rows == 10 * 4 + 1
+    monkeypatch.setattr(budget, "available_bytes", lambda loaded: 1000)
+    with pytest.raises(MemoryBudgetError, match="would not fit|GiB"):
+        explain(llama, LM_TEXT, TargetSpec(), "ig")
+
+
+@pytest.mark.parametrize(
+    ("which", "text", "spec", "message"),
+    [
+        ("llama", "   ", TargetSpec(), "text is empty"),
+        ("llama", LM_TEXT, TargetSpec(text=" paris" * 40), "at most 32 are allowed"),
+        ("llama", LM_TEXT, TargetSpec(label="positive"), "has no labels"),
+        ("llama", LM_TEXT, TargetSpec(text=" paris", contrast=" "), "contrast text is empty"),
+        ("classifier", CLS_TEXT, TargetSpec(label="happy"), "no label 'happy'"),
+        ("classifier", CLS_TEXT, TargetSpec(text="x"), "choose a label"),
+    ],
+)
+def test_bad_input_is_a_clear_input_error(request, which, text, spec, message):
+    loaded = request.getfixturevalue(which)
+    with pytest.raises(InputError, match=message):
+        explain(loaded, text, spec, "saliency")
+
+
+def test_incompatible_method_and_model_kind(llama, wb, tiny_models):
+    with pytest.raises(InputError, match="DeepLift cannot run"):
+        explain(llama, LM_TEXT, TargetSpec(), "deeplift")
+    encoder = wb.load(str(tiny_models["bert"])).loaded
+    with pytest.raises(InputError, match="sequence classifier or a causal LM"):
+        explain(encoder, CLS_TEXT, TargetSpec(), "saliency")
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_json_round_trip_and_html_report(classifier, tmp_path):
+    runs = [explain(classifier, CLS_TEXT, TargetSpec(), m) for m in ("ig", "occlusion")]
+    path = runs[0].save(tmp_path / "r.json")
+    back = Attribution.load(path)
+    np.testing.assert_allclose(back.scores, runs[0].scores)
+    assert back.faithfulness.comprehensiveness == runs[0].faithfulness.comprehensiveness
+    data = json.loads(path.read_text())
+    assert data["provenance"]["versions"]["captum"]
+    assert data["options"]["steps"] == 50 and data["method"] == "integrated_gradients"
+    report = html_report(runs)
+    assert "Method agreement" in report and "Integrated Gradients" in report
+    assert report.count('class="tok"') == 2 * int(runs[0].free.sum())
+
+
+def test_cli_explain_json(tiny_models, capsys, monkeypatch, tmp_path):
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "cli-home"))
+    code = main(
+        [
+            "explain",
+            str(tiny_models["llama"]),
+            LM_TEXT,
+            "--target",
+            " paris",
+            "--method",
+            "integrated_gradients",
+            "--steps",
+            "16",
+            "--json",
+        ]
+    )
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tokens"] == ["the", "capital", "of", "france", "is"]
+    assert len(data["scores"]) == 5 and isinstance(data["convergence_delta"], float)
+    code = main(
+        [
+            "explain",
+            str(tiny_models["classifier"]),
+            CLS_TEXT,
+            "--label",
+            "nope",
+            "--method",
+            "saliency",
+        ]
+    )
+    assert code == 2 and "no label 'nope'" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""AppTest of the Explain page on tiny models: a full run, the faithfulness view, an export."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = "../pages/attribution.py"
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Records what the page offers for download: {file_name: data}."""
+    from streamlit.delta_generator import DeltaGenerator
+
+    offered: dict[str, str] = {}
+    original = DeltaGenerator.download_button
+
+    def recorder(self, label, data, *args, **kwargs):
+        offered[kwargs.get("file_name", label)] = data
+        return original(self, label, data, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaGenerator, "download_button", recorder)
+    return offered
+
+
+@pytest.fixture
+def app(tiny_models, tmp_path, monkeypatch):
+    import streamlit as st
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WORKBENCH_DEVICE", "cpu")
+    st.cache_resource.clear()
+
+    def make(kind: str) -> AppTest:
+        at = AppTest.from_file(PAGE, default_timeout=120)
+        at.session_state["model_name"] = str(tiny_models[kind])
+        return at
+
+    yield make
+    st.cache_resource.clear()
+
+
+def _run_to_completion(at: AppTest) -> AppTest:
+    at.button(key="explain_run").click().run()
+    if "explain_job" in at.session_state:
+        job = at.session_state["explain_job"]
+        assert job.wait(120), "the attribution job did not finish"
+    at.run()
+    return at
+
+
+def test_full_run_classifier_with_two_methods(app, downloads):
+    at = app("classifier")
+    at.run()
+    assert not at.exception
+    assert "Integrated Gradients" in at.multiselect(key="explain_methods").format_func(
+        "integrated_gradients"
+    )
+    at.multiselect(key="explain_methods").set_value(["integrated_gradients", "feature_ablation"])
+    at.run()
+    # the pre-flight estimate lists both methods
+    estimate = at.dataframe[0].value
+    assert list(estimate["method"]) == ["Integrated Gradients", "Feature Ablation"]
+    _run_to_completion(at)
+    assert not at.exception, at.exception
+    results = at.session_state["explain_results"]
+    assert [r.method for r in results] == ["integrated_gradients", "feature_ablation"]
+    # IG's completeness statement is shown next to the result
+    statements = [m.value for m in (*at.success, *at.warning)]
+    assert any("Integrated Gradients" in s and "completeness error" in s for s in statements)
+    # faithfulness view
+    labels = [m.label for m in at.metric]
+    assert "Comprehensiveness (AOPC)" in labels and "Sufficiency" in labels
+    # agreement table and export
+    assert any("Method agreement" in h.value for h in at.subheader)
+    exported = json.loads(downloads["attribution.json"])
+    first = exported["results"][0]
+    assert first["method"] == "integrated_gradients"
+    assert len(first["scores"]) == len(results[0].tokens)
+    assert first["provenance"]["fingerprint"] and "captum" in first["provenance"]["versions"]
+    assert first["faithfulness"]["comprehensiveness"] == pytest.approx(
+        results[0].faithfulness.comprehensiveness
+    )
+    assert len(exported["agreement"]["rows"]) == 1
+    report = downloads["attribution.html"]
+    assert report.startswith("<!doctype html>") and "Faithfulness" in report
+    assert "<script" not in report
+    assert not re.search(r"""(src|href)=["']?https?:""", report)  # self-contained
+
+
+def test_causal_lm_run_and_bad_input(app):
+    at = app("llama")
+    at.run()
+    assert not at.exception
+    at.text_area(key="explain_text").set_value("the capital of france is")
+    at.text_input(key="explain_target").set_value(" paris city")
+    at.checkbox(key="explain_per_token").check()
+    at.run()
+    _run_to_completion(at)
+    assert not at.exception, at.exception
+    (result,) = at.session_state["explain_results"]
+    assert result.token_matrix is not None and result.token_matrix.shape[0] == 2
+    # a target longer than allowed is a one-line error, not a traceback
+    at.text_input(key="explain_target").set_value(" paris" * 40)
+    at.run()
+    assert not at.exception
+    assert any("at most 32 are allowed" in e.value for e in at.error)
+
+
+def test_fine_tuned_classifier_from_the_store_is_selectable(app, tiny_models, tmp_path):
+    """A store entry of kind "classifier" (what the Fine-tune page saves) can be explained."""
+    import shutil
+
+    from engine.store import ModelStore
+
+    ModelStore(tmp_path / "home").write(
+        "tiny-sentiment",
+        lambda folder: shutil.copytree(tiny_models["classifier"], folder, dirs_exist_ok=True),
+        kind="classifier",
+        source="fine-tune",
+        licence="test",
+        base_model="tiny-bert",
+    )
+    at = app("bert")  # an encoder without a head: nothing to explain
+    at.run()
+    assert not at.exception
+    assert any("attribution needs a sequence classifier" in w.value for w in at.warning)
+    picker = at.selectbox(key="explain_model")
+    assert "tiny-sentiment · fine-tuned classifier (store)" in picker.options
+    assert not any(o.startswith("minilm") for o in picker.options)  # encoders are not listed
+    picker.set_value("tiny-sentiment").run()
+    assert not at.exception
+    assert at.session_state["model_name"] == "tiny-sentiment"
+    assert at.selectbox(key="explain_label").options == ["(predicted)", "negative", "positive"]
+    at.selectbox(key="explain_label").set_value("positive").run()
+    _run_to_completion(at)
+    assert not at.exception, at.exception
+    (result,) = at.session_state["explain_results"]
+    assert result.model == "tiny-sentiment" and result.target["label"] == "positive"
+    assert result.provenance.fingerprint.startswith("sha256:")
+
+
+def test_cancel_stops_a_long_run(app):
+    at = app("llama")
+    at.run()
+    at.text_area(key="explain_text").set_value("the capital of france is")
+    at.multiselect(key="explain_methods").set_value(["shapley_value_sampling"])
+    at.run()
+    at.number_input(key="explain_opt_shapley_value_sampling_samples").set_value(1000)
+    at.number_input(key="explain_opt_shapley_value_sampling_internal_batch_size").set_value(1)
+    at.run()
+    at.button(key="explain_run").click().run()
+    job = at.session_state["explain_job"]
+    assert not job.done
+    # the progress fragment (run inline while the job runs) offers Cancel
+    at.button(key="explain_cancel").click().run()
+    assert job.wait(60) and job.cancelled
+    at.run()
+    assert not at.exception
+    assert any("cancelled" in w.value for w in at.warning)
+    assert "explain_job" not in at.session_state
+
+
+def test_a_run_that_would_not_fit_is_refused_before_starting(app, monkeypatch):
+    from engine.attribution import budget
+
+    monkeypatch.setattr(budget, "available_bytes", lambda loaded: 1000)
+    at = app("llama")
+    at.run()
+    assert not at.exception
+    assert any("would need about" in e.value and "shorten the text" in e.value for e in at.error)
+    with pytest.raises(KeyError):  # the page stopped before offering Run
+        at.button(key="explain_run")
