@@ -65,6 +65,15 @@ def minilm(real_workbench):
     return real_workbench.load("minilm-l6")
 
 
+@pytest.fixture(scope="session")
+def minilm_sentiment(shared_home) -> str:
+    """Store name of MiniLM fine-tuned on the shipped sentiment sample (trained once if the
+    shared store lacks it, about 15 s; reused while its data and base weights are unchanged)."""
+    from engine.finetune.recipes import ensure_sentiment_classifier
+
+    return ensure_sentiment_classifier(shared_home)
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

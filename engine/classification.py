@@ -1,0 +1,58 @@
+"""Sequence classification on a loaded classifier: text in, label and class probabilities out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.errors import InputError
+from engine.manager import LoadedModel
+from engine.provenance import Provenance
+from engine.results import Result
+
+
+@dataclass(frozen=True)
+class ClassificationResult(Result):
+    """The predicted ``label`` and ``scores`` (label -> probability, summing to 1)."""
+
+    text: str
+    label: str
+    scores: dict[str, float]
+    logits: np.ndarray  # (num_labels,) raw scores, in the order of the model's id2label
+    provenance: Provenance
+
+    @property
+    def confidence(self) -> float:
+        return self.scores[self.label]
+
+
+def labels_of(loaded: LoadedModel) -> list[str]:
+    """Class names in id order (``LABEL_i`` when the config names none)."""
+    config = loaded.model.config
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+
+
+def classify(loaded: LoadedModel, text: str, max_length: int = 512) -> ClassificationResult:
+    """Classify ``text`` (truncated to ``max_length`` tokens) with a sequence classifier."""
+    if not text.strip():
+        raise InputError("The text is empty: type a sentence to classify.")
+    if loaded.kind != "classifier":
+        raise InputError(
+            f"{loaded.name} is a {loaded.kind} model, not a classifier: fine-tune one on the "
+            "Fine-tune page (task: classification) and pick it."
+        )
+    encoded = loaded.tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+    with loaded.use(), torch.inference_mode():
+        logits = loaded.model(**encoded.to(loaded.device)).logits[0].float().cpu()
+    probs = torch.softmax(logits, dim=-1).numpy()
+    labels = labels_of(loaded)
+    return ClassificationResult(
+        text=text,
+        label=labels[int(probs.argmax())],
+        scores={lab: float(p) for lab, p in zip(labels, probs, strict=True)},
+        logits=logits.numpy(),
+        provenance=Provenance.of(loaded),
+    )

@@ -1,0 +1,1 @@
+"""Sample data sets shipped with the workbench (see engine.finetune.data.SAMPLES)."""

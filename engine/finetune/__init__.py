@@ -1,0 +1,17 @@
+"""Fine-tuning: data (``data``), hyper-parameters (``config``), background jobs (``jobs``),
+the training loop (``train``) and the job process entry point (``worker``).
+
+    from engine.finetune import JobSpec, JobStore, TrainConfig
+    jobs = JobStore()
+    job = jobs.submit(JobSpec(base="minilm-l6", task="classification",
+                              data=str(sample_path("sentiment")), out="minilm-sentiment"))
+    jobs.wait(job.id)
+
+Importing this package does not import torch (the page uses it).
+"""
+
+from engine.finetune.config import JobSpec, TrainConfig
+from engine.finetune.data import ColumnMap, sample_path, samples
+from engine.finetune.jobs import JobInfo, JobStore
+
+__all__ = ["ColumnMap", "JobInfo", "JobSpec", "JobStore", "TrainConfig", "sample_path", "samples"]

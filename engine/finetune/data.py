@@ -1,0 +1,342 @@
+"""Fine-tuning data: read CSV / JSONL / TXT, map columns, validate, split train/validation.
+
+No torch here (the page imports this module). Every problem becomes an ``InputError`` whose
+one-line message names the file, the row and the fix.
+
+    table = read_table("reviews.csv")                     # Table(columns, rows)
+    data = prepare(table, "classification", ColumnMap(text="text", label="label"))
+    data.train, data.val, data.labels, data.hash
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from engine.errors import InputError
+
+Task = Literal["classification", "causal-lm"]
+TASKS: tuple[Task, ...] = ("classification", "causal-lm")
+FORMATS = (".csv", ".jsonl", ".txt")
+MIN_PER_CLASS = 4
+MAX_BYTES = 200 * 2**20
+TEXT_COLUMN = "text"  # the one column of a .txt file (one example per paragraph)
+
+# Shipped samples (engine/data/): name -> (file, task, what it is)
+SAMPLES: dict[str, tuple[str, Task, str]] = {
+    "sentiment": ("sentiment.csv", "classification", "labelled review sentences (pos/neg)"),
+    "instructions": ("instructions.jsonl", "causal-lm", "short instruction/response pairs"),
+    "stories": ("stories.txt", "causal-lm", "short plain-text paragraphs"),
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A file read as rows of strings. ``rows[i]`` maps column -> cell text."""
+
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, str], ...]
+    fmt: str
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns hold what. Classification: text + label. Causal LM: text, or prompt +
+    response (instruction pairs, formatted with the tokenizer's chat template)."""
+
+    text: str | None = None
+    label: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example. Classification: ``text`` + ``label`` (index into labels).
+    Causal LM: ``text`` alone, or ``prompt`` + ``response``."""
+
+    text: str = ""
+    label: int | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Validated data, split. ``labels`` is empty for causal LM; ``hash`` covers file and mapping."""
+
+    task: Task
+    train: tuple[Example, ...]
+    val: tuple[Example, ...]
+    labels: tuple[str, ...]
+    hash: str
+    columns: ColumnMap
+
+    @property
+    def instruction(self) -> bool:
+        return bool(self.train) and self.train[0].prompt is not None
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.labels, 0)
+        for ex in self.train + self.val:
+            counts[self.labels[ex.label]] += 1
+        return counts
+
+
+def sample_path(name: str) -> Path:
+    """Path of a shipped sample data set (see ``SAMPLES``)."""
+    if name not in SAMPLES:
+        raise InputError(f"Unknown sample {name!r}: use one of {', '.join(SAMPLES)}.")
+    return Path(str(resources.files("engine.data").joinpath(SAMPLES[name][0])))
+
+
+def samples(task: Task | None = None) -> dict[str, str]:
+    """Sample names (for ``task``, or all) -> one-line description."""
+    return {k: v[2] for k, v in SAMPLES.items() if task is None or v[1] == task}
+
+
+def _decode(raw: bytes, name: str) -> str:
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{name} is not UTF-8 text (undecodable byte at offset {exc.start}): "
+            "save it as UTF-8 CSV, JSONL or TXT."
+        ) from exc
+
+
+def read_table(source: str | Path, data: bytes | None = None) -> Table:
+    """Read a CSV (header row), JSONL (one object a line) or TXT file (paragraphs separated by
+    blank lines, else lines) into a ``Table``. ``data`` gives the bytes of an upload named
+    ``source``."""
+    name = Path(source).name
+    suffix = Path(source).suffix.lower()
+    if suffix not in FORMATS:
+        raise InputError(
+            f"{name}: unsupported file type {suffix or '(none)'}; use CSV, JSONL or TXT."
+        )
+    if data is None:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"Data file {source} does not exist.")
+        if path.stat().st_size > MAX_BYTES:
+            raise InputError(f"{name} is larger than {MAX_BYTES // 2**20} MiB: use a smaller file.")
+        data = path.read_bytes()
+    text = _decode(data, name)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if not text.strip():
+        raise InputError(f"{name} is empty: it needs at least a few examples.")
+    if suffix == ".csv":
+        columns, rows = _read_csv(text, name)
+    elif suffix == ".jsonl":
+        columns, rows = _read_jsonl(text, name)
+    else:
+        columns, rows = _read_txt(text)
+    if not rows:
+        raise InputError(f"{name} has a header but no data rows.")
+    return Table(tuple(columns), tuple(rows), suffix.lstrip("."), digest)
+
+
+def _read_csv(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader)
+        body = list(reader)
+    except csv.Error as exc:
+        raise InputError(f"{name} is not valid CSV ({exc}): check its quoting.") from exc
+    columns = [c.strip() for c in header]
+    if not any(columns) or len(set(columns)) != len(columns) or "" in columns:
+        raise InputError(
+            f"{name}: the first row must be a header of distinct column names (got {header})."
+        )
+    rows = []
+    for line_no, cells in enumerate(body, start=2):
+        if not any(c.strip() for c in cells):
+            continue  # blank line
+        if len(cells) != len(columns):
+            raise InputError(
+                f"{name} line {line_no} has {len(cells)} cells but the header has "
+                f"{len(columns)}: quote cells that contain commas."
+            )
+        rows.append(dict(zip(columns, (c.strip() for c in cells), strict=True)))
+    return columns, rows
+
+
+def _read_jsonl(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
+    columns: list[str] = []
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{name} line {line_no} is not valid JSON ({exc.msg}).") from exc
+        if not isinstance(obj, dict):
+            raise InputError(
+                f"{name} line {line_no} must be a JSON object, not {type(obj).__name__}."
+            )
+        for key in obj:
+            if key not in columns:
+                columns.append(key)
+        rows.append({k: "" if v is None else str(v).strip() for k, v in obj.items()})
+    return columns, rows
+
+
+def _read_txt(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n")]
+    if len([b for b in blocks if b]) < 2:  # no blank-line paragraphs: one example per line
+        blocks = [line.strip() for line in text.splitlines()]
+    return [TEXT_COLUMN], [{TEXT_COLUMN: " ".join(b.split())} for b in blocks if b]
+
+
+def guess_columns(columns: tuple[str, ...] | list[str], task: Task) -> ColumnMap:
+    """Sensible default mapping from common column names."""
+    lower = {c.lower(): c for c in columns}
+
+    def pick(*names: str) -> str | None:
+        return next((lower[n] for n in names if n in lower), None)
+
+    text = pick("text", "sentence", "review", "content", "document") or (
+        columns[0] if columns else None
+    )
+    if task == "classification":
+        label = pick("label", "labels", "class", "sentiment", "category", "target")
+        if label is None:
+            label = next((c for c in columns if c != text), None)
+        return ColumnMap(text=text, label=label)
+    prompt = pick("prompt", "instruction", "question", "input")
+    response = pick("response", "output", "answer", "completion")
+    if prompt and response:
+        return ColumnMap(prompt=prompt, response=response)
+    return ColumnMap(text=text)
+
+
+def _fill(given: ColumnMap, guess: ColumnMap, task: Task) -> ColumnMap:
+    """The user's mapping, with unset columns taken from the guess."""
+    if task == "classification":
+        return ColumnMap(text=given.text or guess.text, label=given.label or guess.label)
+    if given.prompt or given.response:
+        return ColumnMap(
+            prompt=given.prompt or guess.prompt, response=given.response or guess.response
+        )
+    if given.text:
+        return ColumnMap(text=given.text)
+    return guess
+
+
+def _require(table: Table, column: str | None, role: str, name: str) -> str:
+    if not column:
+        raise InputError(
+            f"Choose the {role} column (columns in {name}: {', '.join(table.columns)})."
+        )
+    if column not in table.columns:
+        raise InputError(
+            f"{name} has no column {column!r} for the {role}: "
+            f"available columns are {', '.join(table.columns)}."
+        )
+    empty = [i for i, row in enumerate(table.rows, start=1) if not row.get(column, "").strip()]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (" …" if len(empty) > 5 else "")
+        raise InputError(
+            f"{name}: {len(empty)} row(s) have an empty {role} ({column!r}), rows {shown}: "
+            "fill them in or remove them."
+        )
+    return column
+
+
+def prepare(
+    table: Table,
+    task: Task,
+    columns: ColumnMap | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    name: str = "the data",
+) -> Prepared:
+    """Validate ``table`` for ``task`` and split it (stratified by class for classification)."""
+    if task not in TASKS:
+        raise InputError(f"Unknown task {task!r}: use one of {', '.join(TASKS)}.")
+    if not 0.05 <= val_fraction <= 0.5:
+        raise InputError(
+            f"The validation fraction must be between 0.05 and 0.5 (got {val_fraction})."
+        )
+    columns = _fill(columns or ColumnMap(), guess_columns(table.columns, task), task)
+    rng = random.Random(seed)
+    if task == "classification":
+        text_col = _require(table, columns.text, "text", name)
+        label_col = _require(table, columns.label, "label", name)
+        if text_col == label_col:
+            raise InputError("The text and label columns must be different columns.")
+        labels = tuple(sorted({row[label_col] for row in table.rows}))
+        if len(labels) < 2:
+            raise InputError(
+                f"{name} has a single class ({labels[0]!r}): classification needs at least two."
+            )
+        if len(labels) > 100:
+            raise InputError(
+                f"{name} has {len(labels)} distinct labels in {label_col!r}: is that the "
+                "right label column?"
+            )
+        by_class: dict[str, list[Example]] = {lab: [] for lab in labels}
+        for row in table.rows:
+            by_class[row[label_col]].append(Example(row[text_col], labels.index(row[label_col])))
+        small = {lab: len(v) for lab, v in by_class.items() if len(v) < MIN_PER_CLASS}
+        if small:
+            detail = ", ".join(f"{lab!r} has {n}" for lab, n in small.items())
+            raise InputError(
+                f"Too few examples per class ({detail}): each class needs at least "
+                f"{MIN_PER_CLASS} (some to train on, some to validate): add examples or drop it."
+            )
+        train, val = [], []
+        for items in by_class.values():
+            rng.shuffle(items)
+            n_val = max(1, round(len(items) * val_fraction))
+            val += items[:n_val]
+            train += items[n_val:]
+        rng.shuffle(train)
+        rng.shuffle(val)
+        mapping = ColumnMap(text=text_col, label=label_col)
+    else:
+        labels = ()
+        if columns.prompt or columns.response:
+            p = _require(table, columns.prompt, "prompt", name)
+            r = _require(table, columns.response, "response", name)
+            items = [Example(prompt=row[p], response=row[r]) for row in table.rows]
+            mapping = ColumnMap(prompt=p, response=r)
+        else:
+            t = _require(table, columns.text, "text", name)
+            items = [Example(text=row[t]) for row in table.rows]
+            mapping = ColumnMap(text=t)
+        if len(items) < 4:
+            raise InputError(f"{name} has only {len(items)} example(s): use at least 4.")
+        rng.shuffle(items)
+        n_val = max(1, round(len(items) * val_fraction))
+        val, train = items[:n_val], items[n_val:]
+    digest = hashlib.sha256(
+        json.dumps([table.sha256, task, mapping.__dict__, val_fraction, seed]).encode()
+    ).hexdigest()
+    return Prepared(task, tuple(train), tuple(val), labels, "sha256:" + digest, mapping)
+
+
+def load(
+    path: str | Path,
+    task: Task,
+    columns: ColumnMap | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Prepared:
+    """``read_table`` + ``prepare`` for a file on disk."""
+    return prepare(read_table(path), task, columns, val_fraction, seed, name=Path(path).name)
