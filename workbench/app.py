@@ -16,11 +16,35 @@ st.set_page_config(page_title="LLMOS Workbench", page_icon="🧪", layout="wide"
 
 PAGES = [
     st.Page(
+        str(PAGES_DIR / "generate.py"),
+        title="Generate",
+        icon=":material/edit_note:",
+        url_path="generate",
+        default=True,
+    ),
+    st.Page(
+        str(PAGES_DIR / "finetune.py"),
+        title="Fine-tune",
+        icon=":material/tune:",
+        url_path="finetune",
+    ),
+    st.Page(
         str(PAGES_DIR / "models.py"),
         title="Models & system",
         icon=":material/storage:",
         url_path="models",
-        default=True,
+    ),
+    st.Page(
+        str(PAGES_DIR / "attention.py"),
+        title="Attention",
+        icon=":material/visibility:",
+        url_path="attention",
+    ),
+    st.Page(
+        str(PAGES_DIR / "attribution.py"),
+        title="Explain",
+        icon=":material/insights:",
+        url_path="explain",
     ),
 ]
 

@@ -10,7 +10,7 @@ import sys
 from engine.errors import EngineError
 
 # One module per command group; each defines register(subparsers).
-COMMAND_MODULES = ("serve", "models", "generate")
+COMMAND_MODULES = ("serve", "models", "generate", "attention", "explain", "finetune", "classify")
 
 
 def build_parser() -> argparse.ArgumentParser:

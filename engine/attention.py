@@ -1,0 +1,353 @@
+"""Attention weights of one input: extraction, per-head statistics and export.
+
+    result = extract_attention(loaded, "The cat sat on the mat.")
+    result.attentions        # (layer, head, query, key) float32, every row sums to 1
+    head_statistics(result.attentions)  # entropy, first token (sink), previous, self, distance
+
+The forward pass runs under ``loaded.use()`` and ``loaded.eager_attention()``: SDPA and flash
+kernels return no weights. BERT-style encoders also get their per-head queries and keys (for
+bertviz's neuron view, ``engine.attention_neuron``). Aggregation for long inputs lives in
+``engine.attention_aggregate`` and the offline bertviz HTML in ``engine.attention_views``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import EngineError, InputError
+from engine.manager import LoadedModel
+from engine.provenance import Provenance, library_versions
+from engine.results import Result
+
+MAX_TOKENS_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class AttentionSettings:
+    """What to feed the model. ``max_tokens`` refuses longer inputs rather than truncating."""
+
+    max_tokens: int = 1024
+    add_special_tokens: bool = True
+
+    def validated(self) -> AttentionSettings:
+        """Checked copy; raises ``InputError`` naming the bad value and the allowed range."""
+        if not 2 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise InputError(
+                f"max_tokens must be between 2 and {MAX_TOKENS_LIMIT} (got {self.max_tokens})."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class AttentionResult(Result):
+    """Self-attention weights of one input on one model.
+
+    ``attentions``: float32 array shaped (layer, head, query, key); row ``[l, h, q]`` is the
+    softmax distribution of query position ``q`` over key positions (sums to 1; a causal LM puts
+    0 on keys after ``q``). ``tokens``: the tokenizer's token strings (length = positions).
+    ``word_ids``: the word index of each token, -1 for special tokens (used to merge sub-words).
+    ``seconds``: wall time of the forward pass. ``queries``/``keys``: float32 arrays shaped
+    (layer, head, token, head_dim) for bertviz's neuron view, recorded for BERT-style
+    self-attention only (None for other architectures, e.g. rotary-position causal LMs).
+    """
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    word_ids: list[int]
+    attentions: np.ndarray  # (layer, head, query, key)
+    causal: bool
+    provenance: Provenance
+    seconds: float
+    queries: np.ndarray | None = None  # (layer, head, token, head_dim)
+    keys: np.ndarray | None = None  # (layer, head, token, head_dim)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(layers, heads, tokens, tokens)."""
+        return tuple(self.attentions.shape)  # type: ignore[return-value]
+
+    @property
+    def n_layers(self) -> int:
+        return self.attentions.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.attentions.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.attentions.shape[2]
+
+    def head(self, layer: int, head: int) -> np.ndarray:
+        """One head's (query, key) matrix; raises ``InputError`` for an index out of range."""
+        if not 0 <= layer < self.n_layers:
+            raise InputError(f"layer must be in 0..{self.n_layers - 1} (got {layer}).")
+        if not 0 <= head < self.n_heads:
+            raise InputError(f"head must be in 0..{self.n_heads - 1} (got {head}).")
+        return self.attentions[layer, head]
+
+    def summary(self) -> dict:
+        """Everything but the tensor: for ``--json`` and logs."""
+        return {
+            "text": self.text,
+            "tokens": list(self.tokens),
+            "shape": {
+                "layer": self.n_layers,
+                "head": self.n_heads,
+                "query": self.n_tokens,
+                "key": self.n_tokens,
+            },
+            "causal": self.causal,
+            "seconds": self.seconds,
+            "provenance": self.to_provenance_dict(),
+        }
+
+    def to_provenance_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self.provenance)
+
+    def save_npz(self, target: str | Path | io.BytesIO) -> str | Path | io.BytesIO:
+        """Write ``attentions`` (layer, head, query, key), ``tokens``, ``token_ids``,
+        ``word_ids``, ``text``, ``provenance`` (JSON string) and, when recorded, ``queries``
+        and ``keys`` (layer, head, token, head_dim) to an .npz file or buffer."""
+        vectors = {} if self.queries is None else {"queries": self.queries, "keys": self.keys}
+        np.savez_compressed(
+            target,
+            **vectors,
+            attentions=self.attentions,
+            tokens=np.array(self.tokens, dtype=str),
+            token_ids=np.array(self.token_ids, dtype=np.int64),
+            word_ids=np.array(self.word_ids, dtype=np.int64),
+            text=np.array(self.text),
+            causal=np.array(self.causal),
+            provenance=np.array(json.dumps(self.to_provenance_dict())),
+        )
+        return target
+
+    def npz_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.save_npz(buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def load_npz(cls, source: str | Path | io.BytesIO) -> AttentionResult:
+        """Read back what ``save_npz`` wrote."""
+        with np.load(source, allow_pickle=False) as data:
+            prov = json.loads(str(data["provenance"]))
+            return cls(
+                text=str(data["text"]),
+                tokens=[str(t) for t in data["tokens"]],
+                token_ids=[int(i) for i in data["token_ids"]],
+                word_ids=[int(i) for i in data["word_ids"]],
+                attentions=np.asarray(data["attentions"], dtype=np.float32),
+                causal=bool(data["causal"]),
+                provenance=Provenance(**prov),
+                seconds=0.0,
+                queries=np.asarray(data["queries"]) if "queries" in data.files else None,
+                keys=np.asarray(data["keys"]) if "keys" in data.files else None,
+            )
+
+
+def _word_ids(encoded, n: int) -> list[int]:
+    """Word index per token from a fast tokenizer; -1 for special tokens (no word)."""
+    try:
+        ids = encoded.word_ids(0)
+    except (ValueError, AttributeError):  # slow tokenizer: one word per token
+        return list(range(n))
+    return [-1 if w is None else int(w) for w in ids]
+
+
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    """Library versions, read once per process (``importlib.metadata`` takes ~4 ms a call)."""
+    return tuple(library_versions().items())
+
+
+def _provenance(loaded: LoadedModel) -> Provenance:
+    """Same fields as ``Provenance.of(loaded)``, without its per-call metadata and parameter
+    scans, so that a short input's extraction stays within 10% of a bare forward."""
+    dtype = next(loaded.model.parameters()).dtype
+    return Provenance(
+        model=loaded.name,
+        fingerprint=loaded.fingerprint,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(loaded.device),
+        versions=dict(_versions()),
+    )
+
+
+def _forward_kwargs(loaded: LoadedModel) -> dict:
+    """Skip work that attention does not need (a causal LM's logits beyond one position)."""
+    if loaded.kind == "causal-lm":
+        params = inspect.signature(loaded.model.forward).parameters
+        if "logits_to_keep" in params:
+            return {"logits_to_keep": 1}
+    return {}
+
+
+def _collect(layers: list, name: str) -> np.ndarray:
+    """Copy per-layer (1, head, query, key) tensors into one float32 array.
+
+    ``layers`` must hold the only references to the tensors (the model output deleted): each
+    entry is set to None once copied, so peak memory stays near one copy plus one layer."""
+    if not layers or any(a is None for a in layers):
+        raise EngineError(
+            f"{name} returned no attention weights even with eager attention: this architecture "
+            "does not expose them, so its attention cannot be shown."
+        )
+    first = layers[0]
+    n_heads, n_q, n_k = first.shape[1], first.shape[2], first.shape[3]
+    # torch's allocator, not np.empty: NumPy asks the kernel for transparent huge pages on big
+    # arrays, and first touching 1 GB of them stalled 1-3 s in memory compaction here
+    out = torch.empty((len(layers), n_heads, n_q, n_k), dtype=torch.float32).numpy()
+    for i in range(len(layers)):
+        out[i] = layers[i][0].detach().to("cpu", torch.float32).numpy()
+        layers[i] = None  # frees this layer's tensor (the caller holds no other reference)
+    return out
+
+
+def extract_attention(
+    loaded: LoadedModel, text: str, settings: AttentionSettings | None = None
+) -> AttentionResult:
+    """Run ``text`` through ``loaded`` once and return every layer's and head's attention."""
+    settings = (settings or AttentionSettings()).validated()
+    if not text.strip():
+        raise InputError("The text is empty: type some text to look at its attention.")
+    if loaded.kind == "seq2seq":
+        raise InputError(
+            f"{loaded.name} is an encoder-decoder model: the attention view supports causal LMs "
+            "and encoders; pick one of those (e.g. smollm2-135m or minilm-l6)."
+        )
+    tokenizer = loaded.tokenizer
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=settings.add_special_tokens)
+    n = int(encoded["input_ids"].shape[1])
+    if n > settings.max_tokens:
+        raise InputError(
+            f"The text has {n} tokens, more than max_tokens={settings.max_tokens}: shorten it or "
+            "raise max_tokens."
+        )
+    ids = encoded["input_ids"][0].tolist()
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    word_ids = _word_ids(encoded, n)
+    inputs = {
+        k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    from engine.attention_neuron import capture_queries_keys
+
+    with (
+        loaded.use(),
+        loaded.eager_attention(),
+        torch.inference_mode(),
+        capture_queries_keys(loaded.model) as vectors,
+    ):
+        started = time.perf_counter()
+        out = loaded.model(
+            **{k: v.to(loaded.device) for k, v in inputs.items()},
+            output_attentions=True,
+            **_forward_kwargs(loaded),
+        )
+        layers = list(getattr(out, "attentions", None) or ())
+        del out  # the list now holds the only references: _collect frees layer by layer
+        array = _collect(layers, loaded.name)
+        seconds = time.perf_counter() - started
+    return AttentionResult(
+        text=text,
+        tokens=[str(t) for t in tokens],
+        token_ids=[int(i) for i in ids],
+        word_ids=word_ids,
+        attentions=array,
+        causal=loaded.kind == "causal-lm",
+        provenance=_provenance(loaded),
+        seconds=seconds,
+        queries=_stack(vectors["queries"], array),
+        keys=_stack(vectors["keys"], array),
+    )
+
+
+def _stack(per_layer: list[np.ndarray], attentions: np.ndarray) -> np.ndarray | None:
+    """(layer, head, token, head_dim) when every layer was recorded with matching shape."""
+    if len(per_layer) != attentions.shape[0]:
+        return None
+    if any(v.shape[:2] != attentions.shape[1:3] for v in per_layer):
+        return None
+    return np.stack(per_layer)
+
+
+# --- head statistics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadStatistics:
+    """Per-head summaries, each shaped (layer, head), averaged over query positions.
+
+    ``entropy``: mean entropy of a query's attention row, in nats (0 = one key takes all).
+    ``first_token``: mean weight on key 0 (the "attention sink" / [CLS]).
+    ``previous_token``: mean weight on key q-1 (queries 1..n-1).
+    ``self_token``: mean weight on key q (the diagonal).
+    ``mean_distance``: mean of sum_k w[q, k] * |q - k|, in tokens.
+    """
+
+    entropy: np.ndarray  # (layer, head)
+    first_token: np.ndarray  # (layer, head)
+    previous_token: np.ndarray  # (layer, head)
+    self_token: np.ndarray  # (layer, head)
+    mean_distance: np.ndarray  # (layer, head)
+
+    COLUMNS = ("entropy", "first_token", "previous_token", "self_token", "mean_distance")
+
+    def to_frame(self):
+        """A pandas DataFrame with one row per head: layer, head and the five statistics."""
+        import pandas as pd
+
+        n_layers, n_heads = self.entropy.shape
+        layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+        data = {"layer": layer.ravel(), "head": head.ravel()}
+        for name in self.COLUMNS:
+            data[name] = getattr(self, name).ravel().astype(float)
+        return pd.DataFrame(data)
+
+
+def head_statistics(attentions: np.ndarray) -> HeadStatistics:
+    """Statistics of an (layer, head, query, key) array, one layer at a time (bounded memory)."""
+    if attentions.ndim != 4 or attentions.shape[2] != attentions.shape[3]:
+        raise InputError(
+            f"attentions must be shaped (layer, head, query, key) with query == key "
+            f"(got {attentions.shape})."
+        )
+    n_layers, n_heads, n, _ = attentions.shape
+    pos = np.arange(n)
+    distance = np.abs(pos[:, None] - pos[None, :]).astype(np.float32)  # (query, key)
+    stats = {
+        name: np.zeros((n_layers, n_heads), dtype=np.float64) for name in HeadStatistics.COLUMNS
+    }
+    for layer in range(n_layers):
+        a = attentions[layer].astype(np.float32, copy=False)  # (head, query, key)
+        safe = np.where(a > 0, a, 1.0)
+        stats["entropy"][layer] = (-(a * np.log(safe)).sum(-1)).mean(-1)
+        stats["first_token"][layer] = a[:, :, 0].mean(-1)
+        stats["self_token"][layer] = np.diagonal(a, axis1=1, axis2=2).mean(-1)
+        if n > 1:
+            stats["previous_token"][layer] = np.diagonal(a, offset=-1, axis1=1, axis2=2).mean(-1)
+        stats["mean_distance"][layer] = (a * distance).sum(-1).mean(-1)
+    return HeadStatistics(**stats)
+
+
+def head_table_csv(result: AttentionResult, stats: HeadStatistics | None = None) -> str:
+    """The head-statistics table as CSV, preceded by ``# key: value`` provenance lines."""
+    stats = stats or head_statistics(result.attentions)
+    prov = result.to_provenance_dict()
+    header = [f"# {key}: {json.dumps(value, ensure_ascii=False)}" for key, value in prov.items()]
+    header.append(f"# text: {json.dumps(result.text, ensure_ascii=False)}")
+    header.append(f"# tokens: {result.n_tokens}")
+    return "\n".join(header) + "\n" + stats.to_frame().to_csv(index=False)

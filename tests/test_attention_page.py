@@ -1,0 +1,194 @@
+"""AppTest of the Attention page on tiny models: weights equal plain transformers, the explorer
+reruns without the model, compare mode, the long-input switch to aggregated views."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.test_attention_engine import TEXT, plain_eager_attentions
+
+PAGE = "../pages/attention.py"
+
+
+@pytest.fixture
+def app(monkeypatch, tmp_path):
+    import streamlit as st
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WORKBENCH_DEVICE", "cpu")
+    st.cache_resource.clear()
+    yield AppTest.from_file(PAGE, default_timeout=120)
+    st.cache_resource.clear()
+
+
+def run_until_results(at: AppTest, timeout_s: float = 60.0) -> list:
+    """AppTest does not fire run_every: rerun until the worker's result is in session state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        if "attention_job" not in at.session_state and "attention_results" in at.session_state:
+            return at.session_state["attention_results"]
+        time.sleep(0.1)
+    raise AssertionError(f"no result; errors: {[e.value for e in at.error]}")
+
+
+def show(at: AppTest) -> None:
+    next(b for b in at.button if b.label == "Show attention").click().run()
+    assert not at.exception, at.exception
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "causal-lm"), ("bert", "encoder")])
+def test_page_attentions_equal_plain_transformers(app, tiny_models, name, kind):
+    app.session_state["model_name"] = str(tiny_models[name])
+    app.run()
+    app.text_area(key="attn_text").input(TEXT)
+    show(app)
+    results = run_until_results(app)
+    ((label, result),) = results
+    expected = plain_eager_attentions(tiny_models[name], TEXT, kind)
+    np.testing.assert_allclose(result.attentions, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.attentions.sum(-1), 1.0, atol=1e-5)
+    assert any(s.value == "Head statistics" for s in app.subheader)
+    table = app.dataframe[0].value
+    assert len(table) == 2 * 4 and "previous_token" in table.columns
+    assert len(app.get("iframe")) == 1  # bertviz fits for a short text
+    html = app.get("iframe")[0].proto.srcdoc
+    assert "d3js.org v5.7.0" in html and "cdnjs" not in html
+
+
+def test_changing_layer_and_head_does_not_rerun_the_model(app, tiny_models, monkeypatch):
+    import engine.attention
+
+    calls = []
+    original = engine.attention.extract_attention
+    monkeypatch.setattr(
+        engine.attention, "extract_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    show(app)
+    run_until_results(app)
+    assert len(calls) == 1
+    app.slider(key="attn_layers").set_value((1, 1)).run()
+    app.slider(key="attn_heads").set_value((0, 3)).run()
+    app.toggle(key="attn_merge").set_value(True).run()
+    assert not app.exception
+    assert len(calls) == 1
+    title = json.loads(app.get("vega_lite_chart")[0].proto.spec)["title"]
+    assert "layer 1, heads 0–3 (mean)" in title and "merged into" in title
+
+
+def test_compare_two_texts_and_two_models(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    app.radio(key="attn_compare").set_value("Another text").run()
+    app.text_area(key="attn_text_b").input("the film was very bad")
+    show(app)
+    results = run_until_results(app)
+    assert [label for label, _ in results] == ["A", "B"]
+    assert results[0][1].tokens != results[1][1].tokens
+    assert set(app.dataframe[0].value["input"]) == {"A", "B"}
+    assert len(app.get("iframe")) == 2
+
+
+def test_empty_text_shows_one_line_error(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    app.text_area(key="attn_text").input("   ")
+    show(app)
+    deadline = time.monotonic() + 30
+    while not app.error and time.monotonic() < deadline:
+        time.sleep(0.1)
+        app.run()
+    assert not app.exception
+    assert "The text is empty" in app.error[0].value
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory):
+    """A 2-layer, 12-head BERT with 1024 positions: bertviz would be far over budget."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from engine.testing import tiny_tokenizer
+
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        architectures=["BertModel"],
+    )
+    folder = tmp_path_factory.mktemp("wide") / "wide-bert"
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_long_input_switches_to_aggregated_views_within_5_mb(app, wide_bert):
+    app.session_state["model_name"] = str(wide_bert)
+    app.run()
+    app.text_area(key="attn_text").input(" ".join(["the good movie ,"] * 256))  # 1024 tokens
+    show(app)
+    ((_, result),) = run_until_results(app)
+    assert result.n_tokens == 1024
+    assert not app.get("iframe")  # no bertviz: it would be about 80 MB for one layer
+    assert any("showing the aggregated views instead" in i.value for i in app.info)
+    spec = app.get("vega_lite_chart")[0].proto.spec
+    edges = app.dataframe[1].value
+    assert len(edges) == 40 and list(edges.columns)[:3] == ["rank", "from (query)", "to (key)"]
+    sent = len(spec) + sum(len(d.value.to_csv()) for d in app.dataframe)
+    assert sent < 5_000_000
+    assert any("Sent to the browser" in c.value for c in app.caption)
+
+
+def test_last_generation_fills_the_text(app, tiny_models):
+    from types import SimpleNamespace
+
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.session_state["gen_result"] = SimpleNamespace(
+        prompt="the movie was", model_input="the movie was", text=" very good"
+    )
+    app.run()
+    next(b for b in app.button if b.label == "Use the last generation").click().run()
+    assert app.text_area(key="attn_text").value == "the movie was very good"
+
+
+def test_encoder_decoder_model_gets_a_clear_message(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["t5"])
+    app.run()
+    show(app)
+    deadline = time.monotonic() + 30
+    while not app.error and time.monotonic() < deadline:
+        time.sleep(0.1)
+        app.run()
+    assert not app.exception
+    assert "encoder-decoder" in app.error[0].value
+    assert "attention_results" not in app.session_state
+
+
+def test_neuron_view_for_encoders_and_a_message_for_causal_lms(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["bert"])
+    app.run()
+    show(app)
+    run_until_results(app)
+    app.button_group(key="attn_bertviz_view").set_value("neuron").run()
+    assert not app.exception
+    (frame,) = app.get("iframe")
+    assert "window.bertviz_params" in frame.proto.srcdoc and "cdnjs" not in frame.proto.srcdoc
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    show(app)
+    run_until_results(app)
+    assert not app.get("iframe")
+    assert any("neuron view needs BERT-style" in i.value for i in app.info)
