@@ -12,7 +12,6 @@ bertviz's neuron view, ``engine.attention_neuron``). Aggregation for long inputs
 
 from __future__ import annotations
 
-import functools
 import inspect
 import io
 import json
@@ -168,12 +167,6 @@ def _word_ids(encoded, n: int) -> list[int]:
     return [-1 if w is None else int(w) for w in ids]
 
 
-@functools.cache
-def _versions() -> tuple[tuple[str, str], ...]:
-    """Library versions, read once per process (``importlib.metadata`` takes ~4 ms a call)."""
-    return tuple(library_versions().items())
-
-
 def _provenance(loaded: LoadedModel) -> Provenance:
     """Same fields as ``Provenance.of(loaded)``, without its per-call metadata and parameter
     scans, so that a short input's extraction stays within 10% of a bare forward."""
@@ -183,7 +176,7 @@ def _provenance(loaded: LoadedModel) -> Provenance:
         fingerprint=loaded.fingerprint,
         dtype=str(dtype).removeprefix("torch."),
         device=str(loaded.device),
-        versions=dict(_versions()),
+        versions=library_versions(),
     )
 
 
