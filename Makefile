@@ -51,7 +51,7 @@ test: install-test browser lint
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: install
-	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -23,33 +23,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import HOME, REPO, SENTENCES  # sets the offline environment first
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-HOME = REPO / ".cache" / "test-home"
 CASES = {"smollm2-135m": (64, 256, 1024), "minilm-l6": (64, 256)}
 QUICK = {"smollm2-135m": (64, 256), "minilm-l6": (64, 256)}
 GOAL_RATIO = 1.1
 GOAL_BYTES = 5_000_000
-
-SENTENCES = (
-    "The committee met on a grey Tuesday to discuss the bridge over the river.",
-    "Nobody expected the old engineer to bring drawings from nineteen fifty-two.",
-    "She argued that the cables had been replaced twice, but the records disagreed.",
-    "After lunch, the mayor asked whether the town could afford another survey.",
-    "Children crossed the bridge every morning on their way to the village school.",
-    "In the end they voted to repair the deck and to paint the railings green.",
-)
 
 
 def text_of(tokenizer, n: int) -> str:

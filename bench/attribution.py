@@ -22,31 +22,15 @@ shared, so figures are noisy. Fewer repetitions at 128 and 512 tokens (long runs
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import HOME, SENTENCES  # sets the offline environment first
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-HOME = REPO / ".cache" / "test-home"
 TARGET = " the"
 REPS = {32: 3, 128: 1, 512: 1}
 SAMPLED = {"gradient_shap": 20, "shapley_value_sampling": 10, "lime": 100, "kernel_shap": 100}
-
-SENTENCES = (
-    "The committee met on a grey Tuesday to discuss the bridge over the river.",
-    "Nobody expected the old engineer to bring drawings from nineteen fifty-two.",
-    "She argued that the cables had been replaced twice, but the records disagreed.",
-    "After lunch, the mayor asked whether the town could afford another survey.",
-    "Children crossed the bridge every morning on their way to the village school.",
-    "In the end they voted to repair the deck and to paint the railings green.",
-)
 
 
 def text_of(tokenizer, n: int) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,24 @@ REPO = Path(__file__).resolve().parents[1]
 # Integration tests share one store per checkout, so the one-off SmolLM2 conversion happens
 # once per clone rather than once per test run.
 SHARED_HOME = REPO / ".cache" / "test-home"
+
+
+def run_cli(*args: str, home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m workbench.cli ARGS`` in a subprocess on a private CPU store."""
+    env = {
+        **os.environ,
+        "WORKBENCH_HOME": str(home),
+        "WORKBENCH_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

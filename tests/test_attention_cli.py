@@ -3,32 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_cli
 from tests.test_attention_engine import TEXT, plain_eager_attentions
-
-
-def run_cli(*args, home):
-    env = {
-        **os.environ,
-        "WORKBENCH_HOME": str(home),
-        "WORKBENCH_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 @pytest.mark.parametrize("name,kind", [("llama", "causal-lm"), ("bert", "encoder")])

@@ -1,30 +1,10 @@
 """The CLI: JSON contracts, one-line errors with exit code 2."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-
-def run_cli(*args, home, timeout=300):
-    env = {
-        **os.environ,
-        "WORKBENCH_HOME": str(home),
-        "WORKBENCH_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "workbench.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=timeout,
-    )
+from tests.conftest import run_cli
 
 
 def test_models_list_json(tmp_path):
