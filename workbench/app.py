@@ -14,38 +14,17 @@ PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
 
 st.set_page_config(page_title="LLMOS Workbench", page_icon="🧪", layout="wide")
 
+# (file in pages/, title, icon, URL path), in menu order; the first is the home page.
+PAGE_TABLE = [
+    ("generate.py", "Generate", ":material/edit_note:", "generate"),
+    ("attention.py", "Attention", ":material/visibility:", "attention"),
+    ("attribution.py", "Explain", ":material/insights:", "explain"),
+    ("finetune.py", "Fine-tune", ":material/tune:", "finetune"),
+    ("models.py", "Models & system", ":material/storage:", "models"),
+]
 PAGES = [
-    st.Page(
-        str(PAGES_DIR / "generate.py"),
-        title="Generate",
-        icon=":material/edit_note:",
-        url_path="generate",
-        default=True,
-    ),
-    st.Page(
-        str(PAGES_DIR / "finetune.py"),
-        title="Fine-tune",
-        icon=":material/tune:",
-        url_path="finetune",
-    ),
-    st.Page(
-        str(PAGES_DIR / "models.py"),
-        title="Models & system",
-        icon=":material/storage:",
-        url_path="models",
-    ),
-    st.Page(
-        str(PAGES_DIR / "attention.py"),
-        title="Attention",
-        icon=":material/visibility:",
-        url_path="attention",
-    ),
-    st.Page(
-        str(PAGES_DIR / "attribution.py"),
-        title="Explain",
-        icon=":material/insights:",
-        url_path="explain",
-    ),
+    st.Page(str(PAGES_DIR / file), title=title, icon=icon, url_path=url, default=i == 0)
+    for i, (file, title, icon, url) in enumerate(PAGE_TABLE)
 ]
 
 navigation = st.navigation(PAGES)
