@@ -3,13 +3,14 @@
 Measures in one run, on one loaded model (float32, CPU unless WORKBENCH_DEVICE says otherwise):
 
 - decode tokens/s (after the first token) and time to first token, greedy, same prompt and
-  ``max_new_tokens``, through plain ``model.generate``, ``Model.generate`` (the Python API,
-  which the CLI uses) and ``Model.stream`` (the worker thread the page uses);
+  ``max_new_tokens``, through plain ``model.generate`` (stock layers, and with the linear
+  layers on oneDNN as the workbench runs them: ``engine.cpu_speed``), ``Model.generate`` (the
+  Python API, which the CLI uses) and ``Model.stream`` (the worker thread the page uses);
 - the memory-bandwidth ceiling: bytes of weights read per token (every parameter once; the tied
   embedding/lm_head matrix is read once, by the lm_head) over the read bandwidth measured here
   (``sum`` of a 256 MiB tensor, which streams it from DRAM);
 - where a decode step goes: the model's own linear layers run alone at batch 1 (the matrix-vector
-  products), the lm_head alone, the workbench's own per-token hooks, and the rest (attention,
+  products; stock MKL and oneDNN), the lm_head alone, the workbench's own per-token hooks, and the rest (attention,
   norms, Python/transformers overhead).
 
     .venv/bin/python bench/generation.py [--tokens 40] [--repeats 5] [--profile]
@@ -21,6 +22,7 @@ machine the least disturbed run is the closest to the true speed. Greedy token i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine.api import Workbench  # noqa: E402
+from engine.cpu_speed import onednn_linears  # noqa: E402
 from engine.generation import GenerationSettings  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -80,10 +83,11 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / best_seconds(lambda: b.copy_(a), 10)
 
 
-def plain_run(model, enc, n: int, pad_id) -> tuple[float, float, list[int]]:
+def plain_run(model, enc, n: int, pad_id, onednn: bool = False) -> tuple[float, float, list[int]]:
     """(time to first token s, decode tokens/s, new ids) of plain ``model.generate``."""
     streamer = TimingStreamer()
-    with torch.inference_mode():
+    swap = onednn_linears(model) if onednn else contextlib.nullcontext()
+    with torch.inference_mode(), swap:
         start = time.perf_counter()
         model.generate(
             **enc, max_new_tokens=n, do_sample=False, streamer=streamer, pad_token_id=pad_id
@@ -93,11 +97,12 @@ def plain_run(model, enc, n: int, pad_id) -> tuple[float, float, list[int]]:
     return t[1] - start, decode, streamer.ids
 
 
-def linear_floor(model, repeats: int) -> tuple[float, float, float, float]:
+def linear_floor(model, repeats: int) -> tuple[float, float, float, float, float, float]:
     """Seconds per token of every linear layer alone at batch 1 (matrix-vector products).
 
     Returns (all linears s, lm_head s, their weight bytes, CPU-time/wall-time of the lm_head
-    product: 1.0 means one thread did the work).
+    product: 1.0 means one thread did the work), then all linears s and lm_head CPU/wall on
+    oneDNN (``engine.cpu_speed``).
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings()
@@ -115,8 +120,21 @@ def linear_floor(model, repeats: int) -> tuple[float, float, float, float]:
         for _ in range(20):
             torch.nn.functional.linear(x_head, head.weight)
         usage = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        # the op ``engine.cpu_speed`` swaps in, called directly like F.linear above
+        dnn = torch.ops.mkldnn._linear_pointwise
+        flat = [x.view(1, -1) for x in inputs]
+
+        def all_onednn() -> None:
+            for m, x in zip(linears, flat, strict=True):
+                dnn(x, m.weight, m.bias, "none", [], "")
+
+        dnn_s = best_seconds(all_onednn, repeats)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(20):
+            dnn(x_head.view(1, -1), head.weight, None, "none", [], "")
+        dnn_usage = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    return all_s, head_s, nbytes, usage
+    return all_s, head_s, nbytes, usage, dnn_s, dnn_usage
 
 
 def hook_seconds(loaded, ids: list[int]) -> float:
@@ -168,12 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     plain_run(hf, enc, 4, tok.pad_token_id)
     model.generate(PROMPT, settings, max_new_tokens=4)
 
-    plain, api, stream = [], [], []
+    plain, dnn, api, stream = [], [], [], []
     reference = None
     for _ in range(args.repeats):  # interleaved, so load from other processes hits all paths
         ttft, tps, ids = plain_run(hf, enc, n, tok.pad_token_id)
         plain.append((ttft, tps))
         reference = ids
+        ttft, tps, ids = plain_run(hf, enc, n, tok.pad_token_id, onednn=True)
+        dnn.append((ttft, tps))
+        assert ids == reference, "oneDNN greedy output differs from plain generate"
         r = model.generate(PROMPT, settings)
         api.append((r.first_token_seconds, r.tokens_per_second))
         assert [t.id for t in r.tokens] == ids, "API greedy output differs from plain generate"
@@ -185,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     bw_all, bw_one, bw_copy = read_bandwidth(threads), read_bandwidth(1), copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied: once
-    lin_s, head_s, lin_bytes, head_usage = linear_floor(hf, args.repeats)
+    lin_s, head_s, lin_bytes, head_usage, dnn_s, dnn_usage = linear_floor(hf, args.repeats)
 
     def best(rows, i):  # the least disturbed run: tok/s is the max, TTFT the min
         return max(r[i] for r in rows) if i else min(r[i] for r in rows)
@@ -207,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'path':<35}{'decode tok/s':>20}{'TTFT ms':>14}{'vs plain':>10}{'vs ceiling':>12}")
     for name, rows in (
         ("plain model.generate", plain),
+        ("plain generate, oneDNN linears", dnn),
         ("workbench Model.generate (API/CLI)", api),
         ("workbench Model.stream (page)", stream),
     ):
@@ -237,10 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{(step - lin_s) * 1e3:6.1f} ms ({(step - lin_s) / step:5.1%})"
     )
     print(
+        f"  all linear layers on oneDNN (the workbench path): {dnn_s * 1e3:6.1f} ms  "
+        f"({lin_bytes / dnn_s / 1e9:.1f} GB/s effective; lm_head CPU/wall {dnn_usage:.2f}); "
+        f"speed-up of the linears {lin_s / dnn_s:.2f}x"
+    )
+    print(
         f"  workbench hooks per token (log-softmax, top-5, token record, stop check): "
         f"{hook_s * 1e3:.3f} ms ({hook_s / step:.2%} of the step)"
     )
     print(f"\nTTFT plain {p_ttft * 1e3:.0f} ms for a {enc['input_ids'].shape[1]}-token prompt")
+    if hasattr(os, "getloadavg"):  # other processes on the cores slow the 2-thread oneDNN path
+        print(f"load average at the end (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     if args.profile:
         profile_decode(loaded, enc, n)
     return 0
