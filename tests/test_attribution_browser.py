@@ -28,7 +28,8 @@ def test_full_run_faithfulness_and_export(app_server, page):
     # faithfulness view: AOPC figures and the deletion / insertion chart
     page.get_by_text("Comprehensiveness (AOPC)").first.wait_for()
     page.get_by_text("Sufficiency").first.wait_for()
-    assert page.locator("[data-testid='stVegaLiteChart']").count() >= 2  # bars + curves
+    charts = page.locator("[data-testid='stVegaLiteChart']")
+    charts.nth(1).wait_for()  # bars + curves (they draw after the text)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explain-result.png"))
 
