@@ -5,7 +5,8 @@
 
 SmolLM2-135M on the CPU, float32, one process, the same weights for both sides:
 
-- workbench: ``Model.explain(text, target, options={"steps": 50}, faithfulness=False)``: layer
+- workbench: ``Model.explain(text, target, options={"steps": 50, "auto_steps": False},
+  faithfulness=False)`` (step refinement off: exactly 50 steps, like captum): layer
   IG on the embeddings, batch of path points chosen to fit memory, gradients to the input
   embeddings only (the weights' gradients are skipped), logits only at the target position,
   plus the two extra rows of the convergence delta;
@@ -61,7 +62,9 @@ def direct_captum(loaded, text: str, batch: int | None) -> float:
 
 def workbench_ig(model, text: str) -> tuple[float, object]:
     started = time.perf_counter()
-    result = model.explain(text, TARGET, options={"steps": 50}, faithfulness=False)
+    result = model.explain(
+        text, TARGET, options={"steps": 50, "auto_steps": False}, faithfulness=False
+    )
     return time.perf_counter() - started, result
 
 
@@ -78,7 +81,9 @@ def ig_table(model, lengths: tuple[int, ...]) -> list[str]:
     ]
     for n in lengths:
         text = text_of(loaded.tokenizer, n)
-        plan = estimate(loaded, text, TargetSpec(text=TARGET), "ig", {"steps": 50})
+        plan = estimate(
+            loaded, text, TargetSpec(text=TARGET), "ig", {"steps": 50, "auto_steps": False}
+        )
         # captum's default: all 50 path points in one batch, full-sequence logits
         default_bytes = 50 * budget.row_bytes(loaded, n + 1, n + 1, True)
         free = psutil.virtual_memory().available
@@ -119,7 +124,7 @@ def method_table(model) -> list[str]:
     for method in available_methods(loaded):
         options = {"samples": SAMPLED[method.name]} if method.name in SAMPLED else {}
         if method.name == "integrated_gradients":
-            options = {"steps": 50}
+            options = {"steps": 50, "auto_steps": False}
         plan = estimate(loaded, text, TargetSpec(text=TARGET), method.name, options)
         started = time.perf_counter()
         result = model.explain(text, TARGET, method=method.name, options=options)

@@ -210,12 +210,25 @@ if picked and not running:
                 "estimated time": f"{e.seconds:.1f} s",
                 "memory": ui.human_bytes(e.peak_bytes),
                 "fits": "yes" if e.fits else "NO",
+                "worst case (step refinement)": (
+                    f"{e.worst_seconds:.1f} s, {e.worst_rows} rows ({e.attempts} runs)"
+                    if e.attempts > 1
+                    else "-"
+                ),
             }
         )
     st.caption(
         "Pre-flight estimate: forward rows × tokens; the batch (rows per forward pass) is "
         "chosen to fit memory."
     )
+    refining = [e for e in plans if e.attempts > 1]
+    if refining:
+        worst = max(e.worst_rows / max(e.rows, 1) for e in refining)
+        st.caption(
+            "Integrated Gradients' step refinement re-runs with doubled steps while the "
+            f"completeness error is above 1%: up to {worst:.1f}× the forward rows and time "
+            "(worst case column) when it never converges."
+        )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     with ui.guard():
         for e in plans:

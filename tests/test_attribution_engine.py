@@ -214,9 +214,10 @@ def test_ig_classifier_allclose_to_direct_captum(classifier):
         CLS_TEXT,
         TargetSpec(label="positive"),
         "integrated_gradients",
-        {"steps": 32},
+        {"steps": 32, "auto_steps": False},
         faithfulness=False,
     )
+    assert result.steps_used == 32 and len(result.step_trials) == 1
     direct, delta = _direct_ig_classifier(classifier, CLS_TEXT, 1, 32)
     np.testing.assert_allclose(result.scores, direct, atol=1e-6, rtol=1e-4)
     assert result.convergence_delta == pytest.approx(delta, abs=1e-6)
@@ -237,7 +238,7 @@ def test_ig_causal_lm_allclose_to_captum_llm_gradient_attribution(llama):
         LM_TEXT,
         TargetSpec(text=" paris city", anchor_first=False),
         "ig",
-        {"steps": 20},
+        {"steps": 20, "auto_steps": False},
         per_token=True,
         faithfulness=False,
     )
@@ -249,7 +250,7 @@ def test_ig_causal_lm_allclose_to_captum_llm_gradient_attribution(llama):
         LM_TEXT,
         TargetSpec(text=" paris city", anchor_first=False),
         "ig",
-        {"steps": 20},
+        {"steps": 20, "auto_steps": False},
         faithfulness=False,
     )
     np.testing.assert_allclose(single.scores, result.scores, atol=1e-5, rtol=1e-4)
@@ -297,8 +298,16 @@ def test_every_method_runs_on_both_kinds(llama, classifier, name):
             {"samples": 8} if "samples" in {s.name for s in get_method(name).option_specs()} else {}
         )
         result = explain(loaded, text, spec, name, options)
-        # the pre-flight estimate counts exactly the rows the method runs
-        assert result.forward_rows == estimate(loaded, text, spec, name, options).rows
+        # the pre-flight estimate counts exactly the rows the method runs (IG: every run tried
+        # by step refinement; the estimate's first run, at most its worst case)
+        plan = estimate(loaded, text, spec, name, options)
+        expected = plan.rows
+        if result.step_trials:
+            expected = sum(
+                estimate(loaded, text, spec, name, {"steps": s, "auto_steps": False}).rows
+                for s, _rel in result.step_trials
+            )
+        assert result.forward_rows == expected and plan.rows <= expected <= plan.worst_rows
         assert result.scores.shape == (len(result.tokens),)
         assert np.all(result.scores[~result.free] == 0)
         assert np.isfinite(result.scores).all()
@@ -352,6 +361,104 @@ def test_ig_completeness_relation_and_statement(classifier):
     statement = result.delta_statement()
     assert ("converged" in statement) == (result.relative_delta <= 0.01)
     assert "completeness error" in statement
+
+
+# Riemann-left sums converge slowly (error ~ 1/steps): a few steps are far above 1% on the tiny
+# model, so step refinement has work to do in milliseconds.
+COARSE = {"steps": 4, "integration": "riemann_left"}
+
+
+def _direct_ig_free(loaded, spec, steps, integration):
+    """Direct captum IG on the workbench's own score function: (k,) scores and delta."""
+    from captum.attr import IntegratedGradients
+
+    with loaded.use():
+        target = Target(loaded, LM_TEXT, spec)
+        attr, delta = IntegratedGradients(target.score).attribute(
+            target.free_embeds().requires_grad_(),
+            baselines=target.baseline_free_embeds("pad"),
+            n_steps=steps,
+            method=integration,
+            return_convergence_delta=True,
+        )
+    return attr.detach().sum(-1)[0].numpy(), float(delta[0])
+
+
+def test_ig_step_refinement_doubles_until_under_one_percent(llama):
+    spec = TargetSpec(text=" paris")
+    seen: list[tuple[float, str]] = []
+    result = explain(
+        llama,
+        LM_TEXT,
+        spec,
+        "ig",
+        COARSE,
+        faithfulness=False,
+        progress=lambda f, m: seen.append((f, m)),
+    )
+    trials = result.step_trials
+    steps = [s for s, _ in trials]
+    assert steps == [4 * 2**i for i in range(len(steps))] and len(steps) >= 2
+    assert trials[0][1] > 0.01 and trials[-1][1] <= 0.01  # stopped at the first converged run
+    assert all(rel > 0.01 for _, rel in trials[:-1])
+    assert result.steps_used == steps[-1] and result.delta_ok
+    assert result.relative_delta == pytest.approx(trials[-1][1])
+    assert result.options["steps"] == 4  # the request is kept; steps_used is what ran
+    assert result.forward_rows == sum(s + 2 for s in steps)
+    statement = result.delta_statement()
+    assert statement.startswith(f"Integrated Gradients converged after {steps[-1]} steps")
+    assert f"tried {steps[0]} steps: {trials[0][1]:.2%}" in statement
+    # the kept run equals a direct captum call at the steps used
+    direct, delta = _direct_ig_free(llama, spec, steps[-1], "riemann_left")
+    np.testing.assert_allclose(result.scores[result.free], direct, atol=1e-5, rtol=1e-4)
+    assert result.convergence_delta == pytest.approx(delta, abs=1e-5)
+    # progress kept working across the runs and said it was refining
+    assert any(m.startswith(f"Refining: {steps[1]} steps") for _, m in seen)
+    assert seen[-1][0] == 1.0 and all(0 <= f <= 1 for f, _ in seen)
+    # the trials survive the JSON round trip
+    back = Attribution.from_dict(json.loads(result.to_json()))
+    assert back.step_trials == trials and back.steps_used == result.steps_used
+
+
+def test_ig_step_refinement_off_and_cap(llama):
+    spec = TargetSpec(text=" paris")
+    off = explain(llama, LM_TEXT, spec, "ig", {**COARSE, "auto_steps": False}, faithfulness=False)
+    assert off.steps_used == 4 and len(off.step_trials) == 1 and off.forward_rows == 6
+    assert off.relative_delta > 0.01 and not off.delta_ok
+    statement = off.delta_statement()
+    assert "did NOT converge at 4 steps" in statement and "turn on Refine steps" in statement
+    refined = explain(llama, LM_TEXT, spec, "ig", COARSE, faithfulness=False)
+    assert refined.step_trials[0] == pytest.approx(off.step_trials[0])  # same first run
+    # capped before converging: every run tried is reported, the best one kept
+    capped = explain(llama, LM_TEXT, spec, "ig", {**COARSE, "max_steps": 6}, faithfulness=False)
+    assert [s for s, _ in capped.step_trials] == [4, 6]
+    best = min(capped.step_trials, key=lambda t: t[1])
+    assert capped.steps_used == best[0] and capped.relative_delta == pytest.approx(best[1])
+    statement = capped.delta_statement()
+    assert "did NOT converge even at 6 steps" in statement and "Raise Max steps" in statement
+    # max_steps at or below steps: no refinement
+    single = explain(llama, LM_TEXT, spec, "ig", {**COARSE, "max_steps": 4}, faithfulness=False)
+    assert [s for s, _ in single.step_trials] == [4]
+
+
+def test_cancel_during_step_refinement(llama):
+    cancel = threading.Event()
+
+    def progress(_fraction: float, message: str) -> None:
+        if message.startswith("Refining"):
+            cancel.set()
+
+    with pytest.raises(CancelledError, match="cancelled"):
+        explain(
+            llama,
+            LM_TEXT,
+            TargetSpec(text=" paris"),
+            "ig",
+            COARSE,
+            faithfulness=False,
+            progress=progress,
+            cancel=cancel,
+        )
 
 
 def test_faithfulness_curves_are_consistent(llama):
@@ -425,6 +532,11 @@ def test_progress_and_cancel(llama):
 def test_estimate_and_memory_refusal(llama, monkeypatch):
     e = estimate(llama, LM_TEXT, TargetSpec(text=" paris"), "ig", {"steps": 50})
     assert e.rows == 52 and e.tokens == 6 and e.fits and e.seconds > 0 and e.extra_rows == 0
+    # step refinement's worst case: 50, 100, 200 and 400 steps (+2 rows each) all run
+    assert e.attempts == 4 and e.worst_rows == 52 + 102 + 202 + 402
+    assert e.worst_seconds == pytest.approx(e.seconds * e.worst_rows / e.rows)
+    off = estimate(llama, LM_TEXT, TargetSpec(text=" paris"), "ig", {"auto_steps": False})
+    assert (off.attempts, off.worst_rows, off.worst_seconds) == (1, 52, off.seconds)
     with_curves = estimate(
         llama, LM_TEXT, TargetSpec(text=" paris"), "ig", {"steps": 50}, faithfulness=True
     )
@@ -496,6 +608,7 @@ def test_cli_explain_json(tiny_models, capsys, monkeypatch, tmp_path):
             "integrated_gradients",
             "--steps",
             "16",
+            "--no-auto-steps",
             "--json",
         ]
     )
@@ -503,6 +616,8 @@ def test_cli_explain_json(tiny_models, capsys, monkeypatch, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert data["tokens"] == ["the", "capital", "of", "france", "is"]
     assert len(data["scores"]) == 5 and isinstance(data["convergence_delta"], float)
+    assert data["steps_used"] == 16 and len(data["step_trials"]) == 1
+    assert data["options"]["auto_steps"] is False
     code = main(
         [
             "explain",

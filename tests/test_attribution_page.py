@@ -65,6 +65,10 @@ def test_full_run_classifier_with_two_methods(app, downloads):
     # the pre-flight estimate lists both methods
     estimate = at.dataframe[0].value
     assert list(estimate["method"]) == ["Integrated Gradients", "Feature Ablation"]
+    # IG's step refinement: its worst case is stated before the run
+    worst = list(estimate["worst case (step refinement)"])
+    assert worst[0].endswith("(4 runs)") and worst[1] == "-"
+    assert any("up to" in c.value and "step refinement" in c.value for c in at.caption)
     _run_to_completion(at)
     assert not at.exception, at.exception
     results = at.session_state["explain_results"]

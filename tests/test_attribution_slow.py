@@ -48,19 +48,31 @@ def test_smollm_target_is_the_direct_log_probability(smollm):
     assert mine > np.log(0.5)  # the model is confident: "Paris"
 
 
-@pytest.mark.parametrize(
-    ("text", "continuation", "converges"),
-    [
-        ("The capital of France is", " Paris", True),  # measured: 0.03% of the gap
-        ("I went to the store to buy some milk and", " eggs", None),  # measured: about 8%
-    ],
-)
-def test_smollm_ig_50_steps_completeness(smollm, text, continuation, converges):
-    result = smollm.explain(text, continuation, options={"steps": 50}, faithfulness=False)
+def test_smollm_ig_50_steps_completeness(smollm):
+    result = smollm.explain("The capital of France is", " Paris", faithfulness=False)
     assert result.options["steps"] == 50
     _assert_honest(result)
-    if converges:
-        assert result.delta_ok, result.delta_statement()
+    # measured: 0.03% of the gap at 50 steps, so step refinement has nothing to do
+    assert result.delta_ok and result.steps_used == 50 and len(result.step_trials) == 1
+    assert "converged at 50 steps" in result.delta_statement()
+
+
+LONGER = ("I went to the store to buy some milk and", " eggs")  # 50 steps: about 8%
+
+
+def test_smollm_ig_step_refinement_converges(smollm):
+    """50 steps are above 1% on a longer prompt; the refined run is under it."""
+    off = smollm.explain(*LONGER, options={"auto_steps": False}, faithfulness=False)
+    _assert_honest(off)
+    assert not off.delta_ok and off.steps_used == 50
+    assert "did NOT converge at 50 steps" in off.delta_statement()
+    result = smollm.explain(*LONGER, faithfulness=False)  # refinement on by default
+    _assert_honest(result)
+    trials = result.step_trials
+    assert trials[0] == (50, pytest.approx(off.relative_delta, rel=1e-3))
+    assert [s for s, _ in trials] == [50 * 2**i for i in range(len(trials))]
+    assert result.delta_ok and result.steps_used == trials[-1][0] > 50
+    assert f"converged after {result.steps_used} steps" in result.delta_statement()
 
 
 @pytest.fixture(scope="module")

@@ -99,13 +99,16 @@ def estimate(
     batch = choose_batch(loaded, tokens, outputs, gradient, rows, asked)
     per_row = row_bytes(loaded, tokens, outputs, gradient)
     available = available_bytes(loaded)
+    seconds = rows * row_seconds(loaded, tokens, outputs, gradient)
     return Estimate(
         method=method,
         rows=rows,
         tokens=tokens,
         batch_size=batch,
-        seconds=rows * row_seconds(loaded, tokens, outputs, gradient),
+        seconds=seconds,
         peak_bytes=per_row * batch,
         available_bytes=available,
         fits=per_row <= available,
+        worst_rows=rows,
+        worst_seconds=seconds,
     )

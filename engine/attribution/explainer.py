@@ -5,6 +5,11 @@
 
 Progress is reported as forward rows done / rows expected; ``cancel`` (a ``threading.Event``)
 stops the run at the next forward pass with ``CancelledError``.
+
+Integrated Gradients refines its steps by default: while the completeness error is above 1% of
+|f(input) - f(baseline)| it re-runs with twice the steps (up to ``max_steps``), keeps the run with
+the smallest error and records every (steps, error) tried. Each extra run adds its rows to the
+progress total, so the bar steps back when a refinement starts.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from engine.attribution import budget
 from engine.attribution.faithfulness import curve_points
 from engine.attribution.faithfulness import faithfulness as measure_faithfulness
 from engine.attribution.registry import Method, Options, check_compatible, get_method
-from engine.attribution.result import Attribution, Estimate, sentence_ids, word_ids
+from engine.attribution.result import (
+    DELTA_TOLERANCE,
+    Attribution,
+    Estimate,
+    sentence_ids,
+    word_ids,
+)
 from engine.attribution.targets import Target, TargetSpec
 from engine.errors import CancelledError, MemoryBudgetError
 from engine.manager import LoadedModel
@@ -44,6 +55,7 @@ class _Meter:
         self.done = 0
         self.progress = progress
         self.cancel = cancel
+        self.prefix = ""  # e.g. "Refining: 100 steps · "
 
     def check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -52,7 +64,10 @@ class _Meter:
     def add(self, rows: int) -> None:
         self.check()
         self.done += rows
-        self.progress(min(self.done / self.total, 0.99), f"{self.done}/{self.total} forward rows")
+        self.progress(
+            min(self.done / self.total, 0.99),
+            f"{self.prefix}{self.done}/{self.total} forward rows",
+        )
 
 
 @dataclass
@@ -122,13 +137,25 @@ def estimate(
     check_compatible(cls, loaded)
     with loaded.use():
         prepared = Target(loaded, text, target)
-        plan = _plan(loaded, prepared, cls, opts, per_token)
+        plans = [_plan(loaded, prepared, cls, o, per_token) for o in cls.attempts(opts)]
+        plan = dataclasses.replace(
+            plans[0],
+            attempts=len(plans),
+            worst_rows=sum(p.rows for p in plans),
+            worst_seconds=sum(p.seconds for p in plans),
+            peak_bytes=max(p.peak_bytes for p in plans),  # later runs may batch more rows
+        )
         if not faithfulness:
             return plan
         extra = 3 * len(curve_points(int(prepared.free.sum())))
         outputs = prepared.n_outputs if prepared.is_lm else 0
         seconds = extra * budget.row_seconds(loaded, plan.tokens, outputs, False)
-        return dataclasses.replace(plan, seconds=plan.seconds + seconds, extra_rows=extra)
+        return dataclasses.replace(
+            plan,
+            seconds=plan.seconds + seconds,
+            worst_seconds=plan.worst_seconds + seconds,
+            extra_rows=extra,
+        )
 
 
 def explain(
@@ -164,38 +191,72 @@ def explain(
             )
         meter = _Meter(plan.rows, progress, cancel)
         meter.check()
-        started = time.perf_counter()
         baseline_name = getattr(opts, "baseline", "pad")
         inputs = prepared.free_embeds().requires_grad_(cls.family == "gradient")
         baselines = prepared.baseline_free_embeds(baseline_name)
 
-        def context(column: int | None) -> RunContext:
-            def fn(x: torch.Tensor) -> torch.Tensor:
-                meter.add(x.shape[0])
-                out = prepared.forward(x)
-                return out.sum(-1) if column is None else out[:, column]
-
-            return RunContext(loaded, prepared, opts, inputs, baselines, fn, plan.batch_size, seed)
-
-        method_obj = cls()
-        matrix = None
-        if per_token and prepared.n_outputs > 1:
-            rows = [method_obj.run(context(j)) for j in range(prepared.n_outputs)]
-            free_scores = np.sum([r.scores for r in rows], axis=0)
-            deltas = [r.convergence_delta for r in rows]
-            delta = None if deltas[0] is None else float(np.sum(deltas))
-            matrix = np.zeros((prepared.n_outputs, prepared.n_tokens))
-            for j, r in enumerate(rows):
-                matrix[j, prepared.free_mask()] = r.scores
-        else:
-            out = method_obj.run(context(None))
-            free_scores, delta = out.scores, out.convergence_delta
-            if cls.family == "attention":  # rollout reads the model directly: one row
-                meter.add(1)
-        seconds = time.perf_counter() - started
         with torch.no_grad():
             both = prepared.score(torch.cat([inputs, baselines]))
         target_score, baseline_score = float(both[0]), float(both[1])
+        gap = abs(target_score - baseline_score)
+        started = time.perf_counter()
+
+        def run_once(attempt: Options, batch_size: int):
+            """One run with ``attempt``'s options: (free scores (k,), delta, matrix or None)."""
+
+            def context(column: int | None) -> RunContext:
+                def fn(x: torch.Tensor) -> torch.Tensor:
+                    meter.add(x.shape[0])
+                    out = prepared.forward(x)
+                    return out.sum(-1) if column is None else out[:, column]
+
+                return RunContext(
+                    loaded, prepared, attempt, inputs, baselines, fn, batch_size, seed
+                )
+
+            method_obj = cls()
+            if per_token and prepared.n_outputs > 1:
+                rows = [method_obj.run(context(j)) for j in range(prepared.n_outputs)]
+                deltas = [r.convergence_delta for r in rows]
+                matrix = np.zeros((prepared.n_outputs, prepared.n_tokens))
+                for j, r in enumerate(rows):
+                    matrix[j, prepared.free_mask()] = r.scores
+                delta = None if deltas[0] is None else float(np.sum(deltas))
+                return np.sum([r.scores for r in rows], axis=0), delta, matrix
+            out = method_obj.run(context(None))
+            if cls.family == "attention":  # rollout reads the model directly: one row
+                meter.add(1)
+            return out.scores, out.convergence_delta, None
+
+        # Integrated Gradients with step refinement: re-run with more steps while the
+        # completeness error is above tolerance; keep the run with the smallest error.
+        attempts = cls.attempts(opts)
+        best: tuple | None = None  # (relative error, steps, scores, delta, matrix)
+        trials: list[tuple[int, float]] = []
+        for n, attempt in enumerate(attempts):
+            batch_size = plan.batch_size
+            if n:
+                meter.check()
+                again = _plan(loaded, prepared, cls, attempt, per_token)
+                batch_size = again.batch_size
+                meter.total += again.rows
+                meter.prefix = (
+                    f"Refining: {attempt.steps} steps ({trials[-1][1]:.1%} error at "
+                    f"{trials[-1][0]}) · "
+                )
+            free_scores, delta, matrix = run_once(attempt, batch_size)
+            if delta is None:  # no completeness error to refine on
+                break
+            rel = abs(delta) / gap if gap > 0 else float("inf")
+            trials.append((int(attempt.steps), float(rel)))
+            if best is None or rel < best[0]:
+                best = (rel, int(attempt.steps), free_scores, delta, matrix)
+            if rel <= DELTA_TOLERANCE:
+                break
+        steps_used = None
+        if best is not None:
+            _rel, steps_used, free_scores, delta, matrix = best
+        seconds = time.perf_counter() - started
         free = prepared.free_mask()
         scores = np.zeros(prepared.n_tokens)
         scores[free] = free_scores
@@ -241,6 +302,8 @@ def explain(
         token_matrix=matrix,
         baseline_score=baseline_score if delta is not None else None,
         convergence_delta=delta,
+        steps_used=steps_used,
+        step_trials=tuple(trials),
         faithfulness=faith,
         label_probabilities=probs,
     )

@@ -12,6 +12,7 @@ k free input tokens and returns one score per free token:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,10 +65,21 @@ class IntegratedGradients(Method):
         steps: int = option(
             50, "Steps", "Points on the path (more = smaller delta).", min=2, max=1000
         )
+        auto_steps: bool = option(
+            True,
+            "Refine steps",
+            "When the completeness error is above 1%, re-run with twice the steps (up to Max "
+            "steps) until it is under 1%; the run with the smallest error is kept.",
+        )
+        max_steps: int = option(
+            400, "Max steps", "Refinement stops at this many steps.", min=2, max=1000
+        )
         baseline: Literal["pad", "zero", "mask"] = option(
             "pad", "Baseline", "What a token is replaced by at the path's start.", choices=BASELINES
         )
-        integration: Literal["gausslegendre", "riemann_trapezoid"] = option(
+        integration: Literal[
+            "gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right"
+        ] = option(
             "gausslegendre",
             "Integration rule",
             "captum's quadrature rule.",
@@ -80,6 +92,15 @@ class IntegratedGradients(Method):
             min=0,
             max=4096,
         )
+
+    @classmethod
+    def attempts(cls, options) -> list:
+        """steps, then doubled steps up to max_steps (50 -> 100 -> 200 -> 400) when refining."""
+        plan, steps = [options], options.steps
+        while options.auto_steps and steps < options.max_steps:
+            steps = min(2 * steps, options.max_steps)
+            plan.append(dataclasses.replace(options, steps=steps))
+        return plan
 
     @classmethod
     def forward_rows(cls, n_features: int, options) -> int:

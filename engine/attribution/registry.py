@@ -114,6 +114,15 @@ class Method:
         return cls.Options(**values).validated()
 
     @classmethod
+    def attempts(cls, options: Options) -> list[Options]:
+        """Option sets to run in turn while the result is not trusted (first: ``options``).
+
+        Only Integrated Gradients refines (doubling its steps, see ``methods``); the explainer
+        stops at the first run whose completeness error is within tolerance.
+        """
+        return [options]
+
+    @classmethod
     def forward_rows(cls, n_features: int, options: Options) -> int:
         """Model rows (forward passes of one sequence) the method needs."""
         raise NotImplementedError

@@ -48,6 +48,8 @@ class Attribution(Result):
     word_ids / sentence_ids: (n,) group of each token (-1 for special tokens).
     target_score: f(input) in nats; baseline_score: f(baseline) (IG only).
     convergence_delta: IG completeness error sum(scores) - (f(input) - f(baseline)).
+    steps_used: IG steps of the run kept (with step refinement, the smallest error).
+    step_trials: IG runs tried, ((steps, |delta| / |f(input) - f(baseline)|), ...) in order.
     """
 
     model: str
@@ -71,6 +73,8 @@ class Attribution(Result):
     token_matrix: np.ndarray | None = None
     baseline_score: float | None = None
     convergence_delta: float | None = None
+    steps_used: int | None = None
+    step_trials: tuple[tuple[int, float], ...] = ()
     faithfulness: Faithfulness | None = None
     label_probabilities: dict | None = None
 
@@ -88,7 +92,11 @@ class Attribution(Result):
         return None if rel is None else rel <= DELTA_TOLERANCE
 
     def delta_statement(self) -> str | None:
-        """A plain sentence about IG's completeness error, or None for other methods."""
+        """A plain sentence about IG's completeness error, or None for other methods.
+
+        With step refinement it names the steps used and every (steps, error) tried, e.g.
+        "converged after 200 steps (0.40%; tried 50 steps: 8.1%, 100 steps: 2.3%)".
+        """
         rel = self.relative_delta
         if rel is None:
             return None
@@ -96,11 +104,30 @@ class Attribution(Result):
             f"completeness error {self.convergence_delta:+.4g} nats = {rel:.2%} of "
             f"|f(input) - f(baseline)| = {abs(self.target_score - self.baseline_score):.4g}"
         )
+        trials = self.step_trials
+        used = self.steps_used or self.options.get("steps")
+        tried = "; tried " + ", ".join(f"{s} steps: {r:.2%}" for s, r in trials)
+        tried = tried if len(trials) > 1 else ""
         if rel <= DELTA_TOLERANCE:
-            return f"Integrated Gradients converged: {figures} (under 1%)."
+            verb = "after" if len(trials) > 1 else "at"
+            return (
+                f"Integrated Gradients converged {verb} {used} steps ({rel:.2%}{tried}): "
+                f"{figures} (under 1%)."
+            )
+        most = max((s for s, _ in trials), default=used)
+        if len(trials) > 1:
+            kept = f"; kept the {used}-step run" if used != most else ""
+            head = f"did NOT converge even at {most} steps ({rel:.2%}{kept}{tried})"
+            advice = "Raise Max steps."
+        else:
+            head = f"did NOT converge at {used} steps ({rel:.2%})"
+            refining = self.options.get("auto_steps")
+            advice = (
+                "Raise Max steps." if refining else "Increase the steps or turn on Refine steps."
+            )
         return (
-            f"Integrated Gradients did NOT converge: {figures}, above 1%; these scores do not "
-            "add up to the score change. Increase the steps."
+            f"Integrated Gradients {head}: {figures}, above 1%; these scores do not add up to "
+            f"the score change. {advice}"
         )
 
     def groups(self, level: str = "word") -> tuple[list[str], np.ndarray]:
@@ -164,6 +191,9 @@ class Estimate:
     rows: sequences the model will run (forward, plus backward for gradient methods).
     seconds: expected wall time; peak_bytes: expected extra memory at the chosen batch size.
     extra_rows: forward-only rows of the faithfulness curves, when asked for (in ``seconds``).
+    attempts / worst_rows / worst_seconds: runs the method may make (IG step refinement
+    doubles the steps up to Max steps) and their rows and time if every one runs (worst case;
+    equal to rows / seconds when there is one attempt); peak_bytes is the largest over them.
     """
 
     method: str
@@ -175,3 +205,6 @@ class Estimate:
     available_bytes: int
     fits: bool
     extra_rows: int = 0
+    attempts: int = 1
+    worst_rows: int = 0
+    worst_seconds: float = 0.0

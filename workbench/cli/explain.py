@@ -17,6 +17,8 @@ def _options(args) -> dict:
         "baseline": args.baseline,
         "samples": args.samples,
         "internal_batch_size": args.internal_batch_size,
+        "max_steps": args.max_steps,
+        "auto_steps": False if args.no_auto_steps else None,
     }
     return {k: v for k, v in given.items() if v is not None and k in names}
 
@@ -46,6 +48,8 @@ def explain(args, _extra) -> int:
         data["scores"] = [float(s) for s in result.scores]
         data["convergence_delta"] = result.convergence_delta
         data["relative_delta"] = result.relative_delta
+        data["steps_used"] = result.steps_used
+        data["step_trials"] = [list(t) for t in result.step_trials]
         print_json(data)
         return 0
     print(f"{result.method_title} on {result.model}: {result.target_description}")
@@ -82,6 +86,14 @@ def register(sub) -> None:
     parser.add_argument("--contrast", help="why TARGET/LABEL rather than this alternative")
     parser.add_argument("--method", default="integrated_gradients", help="attribution method")
     parser.add_argument("--steps", type=int, help="Integrated Gradients: path steps")
+    parser.add_argument(
+        "--max-steps", type=int, help="Integrated Gradients: step refinement cap (default 400)"
+    )
+    parser.add_argument(
+        "--no-auto-steps",
+        action="store_true",
+        help="Integrated Gradients: keep --steps even when the completeness error is above 1%%",
+    )
     parser.add_argument("--baseline", choices=("pad", "zero", "mask"), help="baseline token")
     parser.add_argument("--samples", type=int, help="sampling methods: number of samples")
     parser.add_argument("--internal-batch-size", type=int, help="rows per forward pass")
