@@ -283,6 +283,9 @@ def _perturbation_scores(attr: torch.Tensor) -> np.ndarray:
 _BASELINE_OPTION = dict(
     label="Replacement", help="What a removed token becomes.", choices=BASELINES
 )
+_BATCH = dict(
+    label="Internal batch size", help="Perturbations per forward pass (0 = auto).", min=0, max=4096
+)
 
 
 @register
@@ -295,9 +298,7 @@ class FeatureAblation(Method):
     @dataclass(frozen=True)
     class Options(Options):
         baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
-        internal_batch_size: int = option(
-            0, "Internal batch size", "Perturbations per forward pass (0 = auto).", min=0, max=4096
-        )
+        internal_batch_size: int = option(0, **_BATCH)
 
     @classmethod
     def forward_rows(cls, n_features: int, options) -> int:
@@ -360,9 +361,7 @@ class ShapleyValueSampling(Method):
     class Options(Options):
         samples: int = option(25, "Samples", "Random permutations (n_samples).", min=1, max=1000)
         baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
-        internal_batch_size: int = option(
-            0, "Internal batch size", "Perturbations per forward pass (0 = auto).", min=0, max=4096
-        )
+        internal_batch_size: int = option(0, **_BATCH)
 
     @classmethod
     def forward_rows(cls, n_features: int, options) -> int:
@@ -407,9 +406,6 @@ class _SurrogateMethod(Method):
 
 
 _SAMPLES = dict(label="Samples", help="Random token subsets scored.", min=2, max=20000)
-_BATCH = dict(
-    label="Internal batch size", help="Perturbations per forward pass (0 = auto).", min=0, max=4096
-)
 
 
 @register
