@@ -1,16 +1,13 @@
 """Integration on the embedded pretrained models (the store under .cache/test-home)."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -54,25 +51,15 @@ def test_minilm_loads_as_an_encoder(minilm):
 
 
 def test_cli_generate_names_paris(shared_home):
-    env = {**os.environ, "WORKBENCH_HOME": str(shared_home), "WORKBENCH_DEVICE": "cpu"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workbench.cli",
-            "generate",
-            "smollm2-135m",
-            "The capital of France is",
-            "--max-new-tokens",
-            "8",
-            "--greedy",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    out = run_cli(
+        "generate",
+        "smollm2-135m",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--greedy",
+        "--json",
+        home=shared_home,
     )
     assert out.returncode == 0, out.stderr
     assert "Paris" in json.loads(out.stdout)["text"]

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import REPO
+from tests.conftest import run_cli as run_cli_subprocess
 
 
 class Out:
@@ -37,25 +34,15 @@ def run_cli(monkeypatch, capsys):
 
 
 def test_cli_module_runs_as_a_subprocess(tiny_models, tmp_path):
-    env = {**os.environ, "WORKBENCH_HOME": str(tmp_path), "WORKBENCH_DEVICE": "cpu"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workbench.cli",
-            "generate",
-            str(tiny_models["llama"]),
-            "hello",
-            "--max-new-tokens",
-            "2",
-            "--greedy",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
+    out = run_cli_subprocess(
+        "generate",
+        str(tiny_models["llama"]),
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--greedy",
+        "--json",
+        home=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert len(json.loads(out.stdout)["tokens"]) == 2
