@@ -67,8 +67,11 @@ def tiny_llama(folder: Path, seed: int = 0) -> Path:
     return _save(LlamaForCausalLM(config), folder)
 
 
-def tiny_bert(folder: Path, num_labels: int | None = None, seed: int = 0) -> Path:
-    """A 2-layer, 4-head BERT encoder; with ``num_labels`` a sequence classifier."""
+def tiny_bert(
+    folder: Path, num_labels: int | None = None, seed: int = 0, **config_overrides
+) -> Path:
+    """A 2-layer, 4-head BERT encoder; with ``num_labels`` a sequence classifier.
+    ``config_overrides`` replace ``BertConfig`` fields (e.g. ``num_attention_heads=12``)."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
@@ -82,6 +85,8 @@ def tiny_bert(folder: Path, num_labels: int | None = None, seed: int = 0) -> Pat
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
     )
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
     if num_labels:
         config.num_labels = num_labels
         config.id2label = {

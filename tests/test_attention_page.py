@@ -113,27 +113,14 @@ def test_empty_text_shows_one_line_error(app, tiny_models):
 @pytest.fixture(scope="module")
 def wide_bert(tmp_path_factory):
     """A 2-layer, 12-head BERT with 1024 positions: bertviz would be far over budget."""
-    import torch
-    from transformers import BertConfig, BertModel
+    from engine.testing import tiny_bert
 
-    from engine.testing import tiny_tokenizer
-
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tok),
+    return tiny_bert(
+        tmp_path_factory.mktemp("wide") / "wide-bert",
         hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
         num_attention_heads=12,
         max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        architectures=["BertModel"],
     )
-    folder = tmp_path_factory.mktemp("wide") / "wide-bert"
-    BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def test_long_input_switches_to_aggregated_views_within_5_mb(app, wide_bert):

@@ -317,25 +317,18 @@ def test_every_method_runs_on_both_kinds(llama, classifier, name):
 def test_deeplift_runs_where_activations_have_rules(tmp_path, wb):
     """A BERT with ReLU activations: DeepLift is offered and equals a direct captum call."""
     from captum.attr import DeepLift
-    from transformers import BertConfig, BertForSequenceClassification
 
     from engine import testing
 
-    torch.manual_seed(0)
-    tok = testing.tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tok),
+    folder = testing.tiny_bert(
+        tmp_path / "relu-bert",
+        num_labels=2,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         hidden_act="relu",
-        num_labels=2,
-        pad_token_id=tok.pad_token_id,
     )
-    folder = tmp_path / "relu-bert"
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
     loaded = wb.load(str(folder)).loaded
     assert "deeplift" in [m.name for m in available_methods(loaded)]
     result = explain(loaded, CLS_TEXT, TargetSpec(label="0"), "deeplift", faithfulness=False)
