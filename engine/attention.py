@@ -24,7 +24,7 @@ import torch
 
 from engine.errors import EngineError, InputError
 from engine.manager import LoadedModel
-from engine.provenance import Provenance, library_versions
+from engine.provenance import Provenance
 from engine.results import Result
 
 MAX_TOKENS_LIMIT = 4096
@@ -167,19 +167,6 @@ def _word_ids(encoded, n: int) -> list[int]:
     return [-1 if w is None else int(w) for w in ids]
 
 
-def _provenance(loaded: LoadedModel) -> Provenance:
-    """Same fields as ``Provenance.of(loaded)``, without its per-call metadata and parameter
-    scans, so that a short input's extraction stays within 10% of a bare forward."""
-    dtype = next(loaded.model.parameters()).dtype
-    return Provenance(
-        model=loaded.name,
-        fingerprint=loaded.fingerprint,
-        dtype=str(dtype).removeprefix("torch."),
-        device=str(loaded.device),
-        versions=library_versions(),
-    )
-
-
 def _forward_kwargs(loaded: LoadedModel) -> dict:
     """Skip work that attention does not need (a causal LM's logits beyond one position)."""
     if loaded.kind == "causal-lm":
@@ -261,7 +248,7 @@ def extract_attention(
         word_ids=word_ids,
         attentions=array,
         causal=loaded.kind == "causal-lm",
-        provenance=_provenance(loaded),
+        provenance=Provenance.of(loaded),
         seconds=seconds,
         queries=_stack(vectors["queries"], array),
         keys=_stack(vectors["keys"], array),
