@@ -83,7 +83,7 @@ def timings(name: str, lengths: tuple[int, ...]) -> list[dict]:
     import numpy as np
     import torch
 
-    import engine.attention
+    import engine.attention.extract
 
     model, plain, tokenizer = load(name)
     copies: list[float] = []
@@ -137,8 +137,8 @@ def timings(name: str, lengths: tuple[int, ...]) -> list[dict]:
 
 def page_bytes(result) -> dict:
     """Bytes the Attention page sends with its defaults, and bertviz's size for all layers."""
-    from engine.attention_aggregate import AggregationSettings, aggregate
-    from engine.attention_views import (
+    from engine.attention.aggregate import AggregationSettings, aggregate
+    from engine.attention.views import (
         bertviz_budget,
         bertviz_html,
         chart_payload_bytes,

@@ -4,7 +4,7 @@ Measures in one run, on one loaded model (float32, CPU unless WORKBENCH_DEVICE s
 
 - decode tokens/s (after the first token) and time to first token, greedy, same prompt and
   ``max_new_tokens``, through plain ``model.generate`` (stock layers, and with the linear
-  layers on oneDNN as the workbench runs them: ``engine.cpu_speed``), ``Model.generate`` (the
+  layers on oneDNN as the workbench runs them: ``engine.generation.cpu_speed``), ``Model.generate`` (the
   Python API, which the CLI uses) and ``Model.stream`` (the worker thread the page uses);
 - the memory-bandwidth ceiling: bytes of weights read per token (every parameter once; the tied
   embedding/lm_head matrix is read once, by the lm_head) over the read bandwidth measured here
@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from engine.api import Workbench  # noqa: E402
-from engine.cpu_speed import onednn_linears  # noqa: E402
 from engine.generation import GenerationSettings  # noqa: E402
+from engine.generation.cpu_speed import onednn_linears  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -102,7 +102,7 @@ def linear_floor(model, repeats: int) -> tuple[float, float, float, float, float
 
     Returns (all linears s, lm_head s, their weight bytes, CPU-time/wall-time of the lm_head
     product: 1.0 means one thread did the work), then all linears s and lm_head CPU/wall on
-    oneDNN (``engine.cpu_speed``).
+    oneDNN (``engine.generation.cpu_speed``).
     """
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings()
@@ -120,7 +120,7 @@ def linear_floor(model, repeats: int) -> tuple[float, float, float, float, float
         for _ in range(20):
             torch.nn.functional.linear(x_head, head.weight)
         usage = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-        # the op ``engine.cpu_speed`` swaps in, called directly like F.linear above
+        # the op ``engine.generation.cpu_speed`` swaps in, called directly like F.linear above
         dnn = torch.ops.mkldnn._linear_pointwise
         flat = [x.view(1, -1) for x in inputs]
 
@@ -141,7 +141,7 @@ def hook_seconds(loaded, ids: list[int]) -> float:
     """Seconds per token of the workbench's own per-step work (``Recorder`` + ``Observer``)."""
     import threading
 
-    from engine.decoding import Observer, Recorder
+    from engine.generation.decoding import Observer, Recorder
 
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
     scores = torch.randn(1, vocab)

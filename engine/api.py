@@ -78,13 +78,13 @@ class Model:
 
     def stream(self, prompt: str, settings: GenerationSettings | None = None, messages=None):
         """Start generating in a worker thread; returns a ``GenerationRun`` (snapshot/stop/wait)."""
-        from engine.streaming import start_generation
+        from engine.generation.streaming import start_generation
 
         return start_generation(self._loaded, prompt, settings or GenerationSettings(), messages)
 
     def perplexity(self, text: str):
         """Perplexity of ``text`` under this (causal) model: ``PerplexityResult``."""
-        from engine.evaluation import perplexity
+        from engine.generation.evaluation import perplexity
 
         return perplexity(self._loaded, text)
 
@@ -97,7 +97,7 @@ class Model:
 
     def attention(self, text: str, settings: AttentionSettings | None = None) -> AttentionResult:
         """Every layer's and head's attention on ``text``: ``.attentions`` is a float32 array
-        shaped (layer, head, query, key). See ``engine.attention``."""
+        shaped (layer, head, query, key). See ``engine.attention.extract``."""
         from engine.attention import extract_attention
 
         return extract_attention(self._loaded, text, settings)

@@ -134,8 +134,8 @@ if JOB in st.session_state:
 @st.fragment
 def explorer(results: list, stats: list) -> None:
     from engine.attention import head_table_csv
-    from engine.attention_aggregate import AggregationSettings, aggregate, edges_frame, top_edges
-    from engine.attention_views import (
+    from engine.attention.aggregate import AggregationSettings, aggregate, edges_frame, top_edges
+    from engine.attention.views import (
         bertviz_budget,
         bertviz_height,
         bertviz_html,
@@ -291,7 +291,7 @@ def _png_provenance(result) -> dict:
 
 def _neuron_section(results: list, budget: int) -> int:
     """bertviz's neuron view per input (BERT-style encoders only); returns bytes sent."""
-    from engine.attention_neuron import NEURON_UNSUPPORTED, estimate_neuron_bytes, neuron_view_html
+    from engine.attention.neuron import NEURON_UNSUPPORTED, estimate_neuron_bytes, neuron_view_html
 
     sent = 0
     for col, (label, result) in zip(st.columns(len(results)), results, strict=True):

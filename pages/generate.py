@@ -20,17 +20,17 @@ IDLE_S = 30.0  # a run nobody polls for this long (closed tab) stops itself
 st.title("Generate")
 wb = ui.engine()
 
-from engine import presets as presets_mod  # noqa: E402  (after the engine spinner)
-from engine.chat import ChatMessage  # noqa: E402
-from engine.comparison import compare  # noqa: E402
-from engine.evaluation import overlap_scores, perplexity  # noqa: E402
+from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
 from engine.generation import (  # noqa: E402
     GENERATIVE_KINDS,
     GenerationSettings,
     parse_seed,
     parse_stop_sequences,
 )
-from engine.streaming import start_generation, start_job  # noqa: E402
+from engine.generation.chat import ChatMessage  # noqa: E402
+from engine.generation.comparison import compare  # noqa: E402
+from engine.generation.evaluation import overlap_scores, perplexity  # noqa: E402
+from engine.generation.streaming import start_generation, start_job  # noqa: E402
 
 st.session_state.setdefault(HISTORY, [])
 

@@ -53,7 +53,7 @@ def test_bertviz_renders_with_network_blocked(app_server, page):
 def test_neuron_view_renders_with_network_blocked(page, tiny_models, tmp_path):
     """The neuron view (a BERT-style encoder's queries and keys) draws offline."""
     from engine import Workbench
-    from engine.attention_neuron import neuron_view_html
+    from engine.attention.neuron import neuron_view_html
 
     result = Workbench(home=tmp_path / "home", device="cpu").load(str(tiny_models["bert"]))
     result = result.attention("the movie was very good")

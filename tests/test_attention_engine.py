@@ -12,7 +12,7 @@ from engine.attention import (
     head_statistics,
     head_table_csv,
 )
-from engine.attention_aggregate import (
+from engine.attention.aggregate import (
     AggregationSettings,
     aggregate,
     block_groups,
@@ -232,7 +232,7 @@ def test_bert_queries_and_keys_reproduce_the_attention(tiny_wb, tiny_models):
 
 
 def test_neuron_view_refuses_rotary_models(tiny_wb, tiny_models):
-    from engine.attention_neuron import neuron_view_html
+    from engine.attention.neuron import neuron_view_html
 
     result = tiny_wb.load(str(tiny_models["llama"])).attention(TEXT)
     assert result.queries is None and result.keys is None

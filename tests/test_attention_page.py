@@ -68,7 +68,9 @@ def test_changing_layer_and_head_does_not_rerun_the_model(app, tiny_models, monk
     calls = []
     original = engine.attention.extract_attention
     monkeypatch.setattr(
-        engine.attention, "extract_attention", lambda *a, **k: calls.append(1) or original(*a, **k)
+        engine.attention,
+        "extract_attention",
+        lambda *a, **k: calls.append(1) or original(*a, **k),
     )
     app.session_state["model_name"] = str(tiny_models["llama"])
     app.run()

@@ -26,8 +26,8 @@ def plain_attentions(loaded, text: str) -> np.ndarray:
 
 @pytest.mark.parametrize("fixture,shape", [("smollm", (30, 9)), ("minilm", (6, 12))])
 def test_embedded_models_match_plain_transformers(request, fixture, shape):
-    from engine.attention_aggregate import AggregationSettings, aggregate
-    from engine.attention_views import bertviz_html
+    from engine.attention.aggregate import AggregationSettings, aggregate
+    from engine.attention.views import bertviz_html
 
     model = request.getfixturevalue(fixture)
     before = model.loaded.model.config._attn_implementation

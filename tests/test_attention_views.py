@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from engine.attention import AttentionResult
-from engine.attention_aggregate import aggregate
-from engine.attention_views import (
+from engine.attention.aggregate import aggregate
+from engine.attention.views import (
     BertvizSelection,
     bertviz_html,
     chart_payload_bytes,
@@ -91,7 +91,7 @@ def test_heatmap_png_and_payload():
 
 
 def test_neuron_view_html_is_self_contained_and_sized():
-    from engine.attention_neuron import estimate_neuron_bytes, neuron_view_html
+    from engine.attention.neuron import estimate_neuron_bytes, neuron_view_html
 
     base = random_result(n=12)
     rng = np.random.default_rng(1)

@@ -14,7 +14,7 @@ def tiny_llama(tiny_models):
 
 
 def test_swap_keeps_logits_and_greedy_tokens_and_is_undone(tiny_llama):
-    from engine.cpu_speed import onednn_linears, onednn_usable
+    from engine.generation.cpu_speed import onednn_linears, onednn_usable
 
     if not onednn_usable(tiny_llama):
         pytest.skip("this torch build has no oneDNN")
@@ -33,7 +33,7 @@ def test_swap_keeps_logits_and_greedy_tokens_and_is_undone(tiny_llama):
 
 
 def test_switched_off_by_env_and_for_training(tiny_llama, monkeypatch):
-    from engine.cpu_speed import onednn_linears
+    from engine.generation.cpu_speed import onednn_linears
 
     monkeypatch.setenv("WORKBENCH_ONEDNN_DECODE", "0")
     with onednn_linears(tiny_llama) as swapped:

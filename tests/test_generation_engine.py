@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from engine.chat import ChatMessage, render_chat
 from engine.errors import InputError
 from engine.generation import (
     GenerationResult,
@@ -20,6 +19,7 @@ from engine.generation import (
     parse_stop_sequences,
     prepare,
 )
+from engine.generation.chat import ChatMessage, render_chat
 
 PROMPT = "the capital of france is"
 
@@ -240,7 +240,7 @@ def test_chat_without_template_uses_a_plain_transcript(llama):
 
 
 def test_presets_save_list_delete(tmp_path):
-    from engine import presets
+    from engine.generation import presets
 
     names = [p.name for p in presets.list_presets(tmp_path)]
     for wanted in ("Continue text", "Chat", "Summarize", "Translate to French", "Write code"):
@@ -260,7 +260,7 @@ def test_presets_save_list_delete(tmp_path):
 
 
 def test_perplexity_matches_a_direct_computation(llama):
-    from engine.evaluation import perplexity
+    from engine.generation.evaluation import perplexity
 
     text = "the movie was good and the plot was great"
     result = perplexity(llama.loaded, text)
@@ -277,7 +277,7 @@ def test_perplexity_matches_a_direct_computation(llama):
 
 
 def test_bleu_and_chrf():
-    from engine.evaluation import overlap_scores
+    from engine.generation.evaluation import overlap_scores
 
     same = overlap_scores("the cat sat on the mat", "the cat sat on the mat")
     assert same.bleu == pytest.approx(100.0) and same.chrf == pytest.approx(100.0)
@@ -289,7 +289,7 @@ def test_bleu_and_chrf():
 
 def test_compare_two_models_side_by_side(wb, tiny_models, tmp_path):
     from engine import testing
-    from engine.comparison import compare
+    from engine.generation.comparison import compare
 
     other = testing.tiny_llama(tmp_path / "other-llama", seed=1)
     names = [str(tiny_models["llama"]), str(other)]

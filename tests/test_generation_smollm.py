@@ -20,8 +20,8 @@ def test_smollm_greedy_is_identical_everywhere(smollm, monkeypatch, capsys):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from engine.chat import ChatMessage
     from engine.generation import GenerationSettings, prepare
+    from engine.generation.chat import ChatMessage
     from workbench.cli import main
 
     loaded = smollm.loaded

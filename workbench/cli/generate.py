@@ -26,7 +26,7 @@ def _settings(args) -> GenerationSettings:
 
 
 def generate(args, _extra) -> int:
-    from engine.chat import ChatMessage
+    from engine.generation.chat import ChatMessage
 
     settings = _settings(args)
     model = open_workbench().load(args.model, progress=progress_printer)
@@ -71,7 +71,7 @@ def perplexity(args, _extra) -> int:
 
 
 def score(args, _extra) -> int:
-    from engine.evaluation import overlap_scores
+    from engine.generation.evaluation import overlap_scores
 
     result = overlap_scores(args.hypothesis, args.reference)
     if args.json:

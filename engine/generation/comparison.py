@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from engine.chat import ChatMessage
 from engine.errors import EngineError, InputError
-from engine.generation import GenerationResult, GenerationSettings, prepare, run_generation
+from engine.generation.chat import ChatMessage
+from engine.generation.core import GenerationResult, GenerationSettings, prepare, run_generation
 
 MAX_MODELS = 4
 

@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from engine.chat import ChatMessage
-from engine.decoding import TokenStep
 from engine.errors import EngineError
-from engine.generation import GenerationResult, GenerationSettings, prepare, run_generation
+from engine.generation.chat import ChatMessage
+from engine.generation.core import GenerationResult, GenerationSettings, prepare, run_generation
+from engine.generation.decoding import TokenStep
 from engine.manager import LoadedModel
 
 T = TypeVar("T")

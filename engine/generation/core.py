@@ -6,11 +6,11 @@
 ``generate(loaded, prompt, settings)`` does both. ``engine.streaming.start_generation`` runs the
 same decode in a worker thread that streams tokens and can be cancelled.
 
-Decoding is ``transformers``' own ``generate`` with small hooks (``engine.decoding``), so greedy
+Decoding is ``transformers``' own ``generate`` with small hooks (``engine.generation.decoding``), so greedy
 output is that of plain ``model.generate``. Log-probabilities are those of the model's own
 distribution (log-softmax of the raw logits), not of the distribution after
 temperature/top-k/top-p processing. On CPU the decode runs the linear layers through oneDNN
-(``engine.cpu_speed``, up to 1.5x faster; logits within float32 rounding of the stock layers,
+(``engine.generation.cpu_speed``, up to 1.5x faster; logits within float32 rounding of the stock layers,
 greedy tokens equal on every prompt checked; ``WORKBENCH_ONEDNN_DECODE=0`` turns it off).
 """
 
@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from engine.chat import ChatMessage, render_chat
-from engine.cpu_speed import onednn_linears
-from engine.decoding import Alternative, Observer, Recorder, Sampler, TokenStep
 from engine.errors import InputError
+from engine.generation.chat import ChatMessage, render_chat
+from engine.generation.cpu_speed import onednn_linears
+from engine.generation.decoding import Alternative, Observer, Recorder, Sampler, TokenStep
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 from engine.results import Result

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import InputError
-from engine.generation import context_length
+from engine.generation.core import context_length
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 from engine.results import Result

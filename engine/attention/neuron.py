@@ -10,61 +10,20 @@ from rotated vectors, which the view cannot show; bertviz does not support them 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
-from collections.abc import Iterator
 from importlib import resources
 
 import numpy as np
 
-from engine.attention import AttentionResult
-from engine.attention_aggregate import pretty_token
+from engine.attention.aggregate import pretty_token
+from engine.attention.extract import AttentionResult
 from engine.errors import InputError
 
 NEURON_UNSUPPORTED = (
     "The neuron view needs BERT-style self-attention (separate query and key projections, no "
     "rotary positions): pick an encoder such as minilm-l6."
 )
-
-
-def _self_attention_modules(model) -> list:
-    """BERT-style self-attention modules in forward order (``query``/``key`` Linear layers)."""
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "query")
-        and hasattr(m, "key")
-        and hasattr(m, "attention_head_size")
-        and hasattr(m, "num_attention_heads")
-    ]
-
-
-@contextlib.contextmanager
-def capture_queries_keys(model) -> Iterator[dict[str, list[np.ndarray]]]:
-    """Record each layer's queries and keys, each (head, token, head_dim) float32, during the
-    block. Yields ``{"queries": [...], "keys": [...]}`` (one entry per layer; empty lists
-    when the model has no BERT-style self-attention)."""
-    captured: dict[str, list[np.ndarray]] = {"queries": [], "keys": []}
-    handles = []
-
-    def hook(store: list, heads: int, size: int):
-        def record(_module, _inputs, output) -> None:
-            # (1, token, heads * size) -> (head, token, size)
-            out = output[0].detach().float().cpu()
-            store.append(out.view(out.shape[0], heads, size).transpose(0, 1).numpy().copy())
-
-        return record
-
-    for module in _self_attention_modules(model):
-        heads, size = int(module.num_attention_heads), int(module.attention_head_size)
-        handles.append(module.query.register_forward_hook(hook(captured["queries"], heads, size)))
-        handles.append(module.key.register_forward_hook(hook(captured["keys"], heads, size)))
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _payload(result: AttentionResult) -> dict:
@@ -92,7 +51,7 @@ def estimate_neuron_bytes(result: AttentionResult) -> int:
     """Predicted size of ``neuron_view_html``: attention plus queries and keys, as JSON."""
     if result.queries is None or result.keys is None:
         return 0
-    from engine.attention_views import BertvizSelection, estimate_bertviz_bytes
+    from engine.attention.views import BertvizSelection, estimate_bertviz_bytes
 
     per_value = len(json.dumps(np.round(result.queries[0, 0].astype(np.float64), 3).tolist()))
     per_value /= result.queries[0, 0].size
@@ -106,7 +65,7 @@ def neuron_view_html(result: AttentionResult, budget: int | None = 5_000_000) ->
     Raises ``InputError`` when the result has no queries/keys (unsupported architecture) or
     the page would exceed ``budget`` bytes (None = no limit).
     """
-    from engine.attention_views import _CDN, offline_scripts
+    from engine.attention.views import _CDN, offline_scripts
 
     if result.queries is None or result.keys is None:
         raise InputError(NEURON_UNSUPPORTED)

@@ -24,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
-from engine.attention import AttentionResult
-from engine.attention_aggregate import AttentionView, pretty_token
+from engine.attention.aggregate import AttentionView, pretty_token
+from engine.attention.extract import AttentionResult
 from engine.errors import InputError, MissingPackageError
 
 BERTVIZ_BUDGET_BYTES = 5_000_000

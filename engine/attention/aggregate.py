@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.attention import AttentionResult
+from engine.attention.extract import AttentionResult
 from engine.errors import InputError
 
 _MARKERS = ("Ġ", "▁", "Ċ")

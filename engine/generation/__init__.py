@@ -1,0 +1,44 @@
+"""Generation: text from a causal (or seq2seq) LM, streamed, compared and evaluated.
+
+    from engine.generation import GenerationSettings, generate
+    result = generate(loaded, "The capital of France is", GenerationSettings(greedy=True))
+
+Modules: ``core`` (settings, preparation, the decode call and its result), ``decoding`` (the
+logits hooks), ``cpu_speed`` (the CPU fast path), ``streaming`` (runs that stream tokens),
+``chat`` (chat templates and transcripts), ``presets``, ``evaluation`` (perplexity, BLEU/chrF)
+and ``comparison`` (one prompt on several models).
+"""
+
+from engine.generation.chat import ChatMessage, render_chat
+from engine.generation.core import (
+    GENERATIVE_KINDS,
+    GenerationResult,
+    GenerationSettings,
+    Prepared,
+    context_length,
+    generate,
+    parse_seed,
+    parse_stop_sequences,
+    prepare,
+    run_generation,
+    settings_dict,
+)
+from engine.generation.decoding import Alternative, TokenStep
+
+__all__ = [
+    "GENERATIVE_KINDS",
+    "Alternative",
+    "ChatMessage",
+    "GenerationResult",
+    "GenerationSettings",
+    "Prepared",
+    "TokenStep",
+    "context_length",
+    "generate",
+    "parse_seed",
+    "parse_stop_sequences",
+    "prepare",
+    "render_chat",
+    "run_generation",
+    "settings_dict",
+]
