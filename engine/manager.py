@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import runs
 from engine.catalog import Kind, resolve
 from engine.devices import Placement
 from engine.errors import EngineError, InputError, MemoryBudgetError
@@ -54,6 +55,7 @@ class LoadedModel:
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    tokenizer_lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
     def device(self) -> torch.device:
@@ -79,15 +81,58 @@ class LoadedModel:
 
     @contextlib.contextmanager
     def use(self, timeout_s: float = 600.0) -> Iterator[LoadedModel]:
-        """Exclusive use of the model for one call (concurrent sessions wait their turn)."""
-        if not self.lock.acquire(timeout=timeout_s):
-            raise EngineError(f"{self.name} stayed busy for {timeout_s:.0f} s: try again later.")
+        """Exclusive use of the model for one call (concurrent sessions wait their turn).
+
+        Inside a run, a wait is reported in the run's snapshot ("waiting for ...") and a
+        cancelled run stops waiting.
+        """
+        if not self.lock.acquire(blocking=False):
+            self._wait_for_lock(timeout_s)
         try:
             self.last_used = time.monotonic()
             yield self
         finally:
             self.last_used = time.monotonic()
             self.lock.release()
+
+    def _wait_for_lock(self, timeout_s: float) -> None:
+        context = runs.current()
+        if context is not None:
+            context.waiting(f"Waiting for {self.name}: another run is using it…")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not self.lock.acquire(timeout=0.1):
+                if context is not None:
+                    context.check()
+                if time.monotonic() > deadline:
+                    raise EngineError(
+                        f"{self.name} stayed busy for {timeout_s:.0f} s: try again later."
+                    )
+        finally:
+            if context is not None:
+                context.resumed()
+
+    def encode(self, text: str | list[str], **kwargs):
+        """``tokenizer(text, **kwargs)`` under the tokenizer's own lock.
+
+        Fast tokenizers are not safe to share between threads (``RuntimeError: Already
+        borrowed``): every engine call tokenizes through here or ``tokenizing()``.
+        """
+        with self.tokenizing() as tokenizer:
+            return tokenizer(text, **kwargs)
+
+    @contextlib.contextmanager
+    def tokenizing(self) -> Iterator[object]:
+        """Exclusive use of the tokenizer for a block (encode, decode, convert ids)."""
+        with self.tokenizer_lock:
+            try:
+                yield self.tokenizer
+            except RuntimeError as exc:
+                if "borrow" not in str(exc):
+                    raise
+                raise EngineError(
+                    f"The tokenizer of {self.name} was busy with another request: try again."
+                ) from exc
 
     @contextlib.contextmanager
     def eager_attention(self) -> Iterator[None]:
