@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine import runs
 from engine.catalog import EMBEDDED, resolve
 from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
 from engine.errors import MissingPackageError
-from engine.generation import GenerationResult, GenerationSettings, generate
+from engine.generation import GenerationResult, GenerationSettings
 from engine.loading import LoadOptions, Progress, _quiet
 from engine.manager import LoadedModel, ModelInfo, ModelManager
+from engine.runs import Run
 from engine.store import ModelStore, workbench_home
 
 if TYPE_CHECKING:
@@ -60,40 +62,67 @@ class Model:
     def info(self) -> ModelInfo:
         return self._loaded.info()
 
+    def _settings(self, settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:
+        settings = settings or GenerationSettings()
+        if overrides:
+            settings = GenerationSettings(**{**settings.__dict__, **overrides})
+        return settings
+
+    def start_generation(
+        self,
+        prompt: str,
+        settings: GenerationSettings | None = None,
+        messages=None,
+        idle_timeout_s: float | None = None,
+    ) -> Run[GenerationResult]:
+        """Generate as a run: ``snapshot().partial`` streams the text, ``cancel()`` stops it.
+
+        Bad input raises ``InputError`` here, before the run starts.
+        """
+        from engine.generation.streaming import start_generation
+
+        return start_generation(
+            self._loaded, prompt, settings or GenerationSettings(), messages, idle_timeout_s
+        )
+
+    def stream(self, prompt: str, settings: GenerationSettings | None = None, messages=None):
+        """Alias of ``start_generation`` (kept for existing callers)."""
+        return self.start_generation(prompt, settings, messages)
+
     def generate(
         self, prompt: str, settings: GenerationSettings | None = None, **overrides
     ) -> GenerationResult:
         """Continue ``prompt``. Keyword overrides are ``GenerationSettings`` fields."""
-        settings = settings or GenerationSettings()
-        if overrides:
-            settings = GenerationSettings(**{**settings.__dict__, **overrides})
-        return generate(self._loaded, prompt, settings)
+        return self.start_generation(prompt, self._settings(settings, overrides)).wait()
 
     def chat(self, messages, settings: GenerationSettings | None = None, **overrides):
         """Reply to a conversation (``ChatMessage`` list) via the model's chat template."""
-        settings = settings or GenerationSettings()
-        if overrides:
-            settings = GenerationSettings(**{**settings.__dict__, **overrides})
-        return generate(self._loaded, "", settings, messages=messages)
+        return self.start_generation("", self._settings(settings, overrides), messages).wait()
 
-    def stream(self, prompt: str, settings: GenerationSettings | None = None, messages=None):
-        """Start generating in a worker thread; returns a ``GenerationRun`` (snapshot/stop/wait)."""
-        from engine.generation.streaming import start_generation
+    def start_perplexity(self, text: str) -> Run:
+        """Perplexity of ``text`` as a run (result: ``PerplexityResult``)."""
+        from engine.generation.evaluation import perplexity
 
-        return start_generation(self._loaded, prompt, settings or GenerationSettings(), messages)
+        loaded = self._loaded
+        spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, "text": text}
+        return runs.start("perplexity", lambda _ctx: perplexity(loaded, text), spec=spec)
 
     def perplexity(self, text: str):
         """Perplexity of ``text`` under this (causal) model: ``PerplexityResult``."""
-        from engine.generation.evaluation import perplexity
+        return self.start_perplexity(text).wait()
 
-        return perplexity(self._loaded, text)
+    def start_classification(self, text: str, max_length: int = 512) -> Run:
+        """``classify`` as a run (result: ``ClassificationResult``)."""
+        from engine.classification import classify
+
+        loaded = self._loaded
+        spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, "text": text}
+        return runs.start("classify", lambda _ctx: classify(loaded, text, max_length), spec=spec)
 
     def classify(self, text: str, max_length: int = 512):
         """Label and class probabilities of ``text`` (classifier models, e.g. a fine-tuned
         MiniLM). Returns ``engine.classification.ClassificationResult``."""
-        from engine.classification import classify
-
-        return classify(self._loaded, text, max_length)
+        return self.start_classification(text, max_length).wait()
 
     def attention(self, text: str, settings: AttentionSettings | None = None) -> AttentionResult:
         """Every layer's and head's attention on ``text``: ``.attentions`` is a float32 array
@@ -203,6 +232,20 @@ class Workbench:
                 CatalogEntry(name, "store", m.kind, description, True, True, name in loaded)
             )
         return entries
+
+    def start_comparison(
+        self, names, prompt: str, settings: GenerationSettings | None = None, messages=None
+    ) -> Run:
+        """The same prompt on 2-4 models, one after another, as a run (result: ``Comparison``)."""
+        from engine.generation.comparison import start_comparison
+
+        return start_comparison(self, names, prompt, settings or GenerationSettings(), messages)
+
+    def compare(
+        self, names, prompt: str, settings: GenerationSettings | None = None, messages=None
+    ):
+        """``start_comparison(...).wait()``: a ``Comparison`` with every model's outcome."""
+        return self.start_comparison(names, prompt, settings, messages).wait()
 
     def resolve(self, name: str):
         return resolve(name, self.store.names())

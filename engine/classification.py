@@ -44,7 +44,7 @@ def classify(loaded: LoadedModel, text: str, max_length: int = 512) -> Classific
             f"{loaded.name} is a {loaded.kind} model, not a classifier: fine-tune one on the "
             "Fine-tune page (task: classification) and pick it."
         )
-    encoded = loaded.tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+    encoded = loaded.encode(text, truncation=True, max_length=max_length, return_tensors="pt")
     with loaded.use(), torch.inference_mode():
         logits = loaded.model(**encoded.to(loaded.device)).logits[0].float().cpu()
     probs = torch.softmax(logits, dim=-1).numpy()

@@ -1,7 +1,9 @@
 """Generate: prompt or chat, full sampling control, streaming with Stop, token probabilities,
 evaluation (perplexity, BLEU/chrF) and side-by-side comparison of models.
 
-Generation runs in an engine worker thread; a fragment polls its snapshot while it runs.
+Every action starts an engine run (generate, perplexity, compare); a fragment draws the
+run's snapshot while it goes (streamed text, progress, "waiting for the model", Stop) and the
+page collects its typed result when it ends. The run's error stays on the page until replaced.
 """
 
 import html
@@ -13,24 +15,22 @@ import streamlit as st
 from workbench import ui
 
 RUN, RESULT, HISTORY = "gen_run", "gen_result", "gen_history"
-COMPARE_JOB, COMPARISON = "gen_compare_job", "gen_comparison"
-POLL_S = 0.4
+COMPARE_RUN, COMPARISON, COMPARE_ERROR = "gen_compare_run", "gen_comparison", "gen_compare_error"
+PPL_RUN, PPL_RESULT, PPL_ERROR = "eval_ppl_run", "eval_ppl_result", "eval_ppl_error"
 IDLE_S = 30.0  # a run nobody polls for this long (closed tab) stops itself
 
 st.title("Generate")
 wb = ui.engine()
 
-from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
 from engine.generation import (  # noqa: E402
     GENERATIVE_KINDS,
     GenerationSettings,
+    conversation,  # noqa: E402
     parse_seed,
     parse_stop_sequences,
 )
-from engine.generation.chat import ChatMessage  # noqa: E402
-from engine.generation.comparison import compare  # noqa: E402
-from engine.generation.evaluation import overlap_scores, perplexity  # noqa: E402
-from engine.generation.streaming import start_generation, start_job  # noqa: E402
+from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
+from engine.generation.evaluation import overlap_scores  # noqa: E402
 
 st.session_state.setdefault(HISTORY, [])
 
@@ -94,18 +94,31 @@ with st.expander("Decoding settings", expanded=True):
 
 tab_gen, tab_eval, tab_compare = st.tabs(["Generate", "Evaluate", "Compare models"])
 
-# --- collect a finished run (main body, so the whole page shows its result) ---------------
-run = st.session_state.get(RUN)
-if run is not None and run.done:
-    st.session_state.pop(RUN)
+
+def collect(run_key: str, result_key: str, error_key: str):
+    """Move a finished run's result (or its one-line error) into the page's state.
+
+    Returns the run while it is still going, else None. An error stays until the next run.
+    """
+    run = st.session_state.get(run_key)
+    if run is None or not run.done:
+        return run
+    st.session_state.pop(run_key)
     snap = run.snapshot()
-    if snap.error:
-        st.session_state["gen_error"] = snap.error
-    elif snap.result is not None:
-        st.session_state[RESULT] = snap.result
-        if snap.result.mode == "chat":
-            st.session_state[HISTORY].append(("assistant", snap.result.text))
-    run = None
+    if snap.result is not None:
+        st.session_state[result_key] = snap.result
+    else:
+        st.session_state[error_key] = snap.error
+    return None
+
+
+# --- collect finished runs (main body, so the whole page shows their results) -------------
+had_run = st.session_state.get(RUN) is not None
+run = collect(RUN, RESULT, "gen_error")
+if had_run and run is None:
+    done = st.session_state.get(RESULT)
+    if done is not None and done.mode == "chat" and "gen_error" not in st.session_state:
+        st.session_state[HISTORY].append(("assistant", done.text))
 
 with tab_gen:
     home = wb.home
@@ -163,38 +176,30 @@ with tab_gen:
             model = ui.current_model()
             if preset.mode == "chat":
                 message = presets_mod.Preset(preset.name, template, "chat").render(user_text)
-                history = [ChatMessage(r, c) for r, c in st.session_state[HISTORY]]
-                system = st.session_state.get("gen_system", "").strip()
-                messages = ([ChatMessage("system", system)] if system else []) + history
-                messages.append(ChatMessage("user", message))
-                run = start_generation(
-                    model.loaded, message, settings, messages, idle_timeout_s=IDLE_S
-                )
+                system = st.session_state.get("gen_system", "")
+                messages = conversation(st.session_state[HISTORY], message, system)
+                run = model.start_generation(message, settings, messages, idle_timeout_s=IDLE_S)
                 st.session_state[HISTORY].append(("user", message))
             else:
                 prompt = presets_mod.Preset(preset.name, template, "text").render(user_text)
-                run = start_generation(model.loaded, prompt, settings, idle_timeout_s=IDLE_S)
+                run = model.start_generation(prompt, settings, idle_timeout_s=IDLE_S)
         st.session_state[RUN] = run
         st.session_state.pop(RESULT, None)
 
-    @st.fragment(run_every=POLL_S if run is not None else None)
-    def live_output() -> None:
-        """While a run is going: its text so far and a Stop button that frees the model."""
-        current = st.session_state.get(RUN)
-        if current is None:
-            return
+    def live_output(current) -> None:
+        """While a run is going: its text so far (or what it waits for) and Stop."""
         snap = current.snapshot()
-        if snap.done:
-            st.rerun(scope="app")
+        text = snap.partial.text if snap.partial is not None else ""
+        n_tokens = len(snap.partial.tokens) if snap.partial is not None else 0
         with st.container(key="gen_stream", border=True):
-            st.markdown(f"{html.escape(snap.text)}▌" if snap.text else "…")
-            st.caption(
-                f"{len(snap.tokens)} tokens · {snap.seconds:.1f} s"
-                + (" · stopping…" if snap.cancelled else "")
-            )
-        st.button("Stop", key="gen_stop_button", on_click=current.stop, type="secondary")
+            if snap.waiting:
+                st.info(snap.message, icon="⏳")
+            st.markdown(f"{html.escape(text)}▌" if text else "…")
+            stopping = " · stopping…" if current.context.cancel_event.is_set() else ""
+            st.caption(f"{n_tokens} tokens · {snap.seconds:.1f} s{stopping}")
+        st.button("Stop", key="gen_stop_button", on_click=current.cancel, type="secondary")
 
-    live_output()
+    ui.poll_run(RUN, live_output)
 
     if st.session_state.get("gen_error"):
         ui.show_error(st.session_state["gen_error"])
@@ -238,11 +243,16 @@ with tab_gen:
 with tab_eval:
     st.subheader("Perplexity of a text")
     text = st.text_area("Text to score", key="eval_text", height=100)
-    if st.button("Compute perplexity", key="eval_ppl"):
-        with ui.guard(), st.spinner("Scoring…"):
-            ppl = perplexity(ui.current_model().loaded, text)
-        st.session_state["eval_ppl_result"] = ppl
-    ppl = st.session_state.get("eval_ppl_result")
+    ppl_run = collect(PPL_RUN, PPL_RESULT, PPL_ERROR)
+    if st.button("Compute perplexity", key="eval_ppl", disabled=ppl_run is not None):
+        for stale in (PPL_RESULT, PPL_ERROR):
+            st.session_state.pop(stale, None)
+        with ui.guard():
+            st.session_state[PPL_RUN] = ui.current_model().start_perplexity(text)
+    ui.poll_run(PPL_RUN, lambda r: ui.run_progress(r, key="eval_ppl_stop"))
+    if st.session_state.get(PPL_ERROR):
+        ui.show_error(st.session_state[PPL_ERROR])
+    ppl = st.session_state.get(PPL_RESULT)
     if ppl is not None:
         st.metric("Perplexity", f"{ppl.perplexity:.2f}", help="exp(mean negative log-likelihood)")
         st.caption(f"{len(ppl.token_logprobs)} tokens scored · mean NLL {ppl.mean_nll:.3f} nats")
@@ -268,54 +278,30 @@ with tab_compare:
         options.append(current)
     chosen = st.multiselect("Models", options, default=[current], key="cmp_models")
     cmp_prompt = st.text_area("Prompt to compare", key="cmp_prompt", height=80)
-    job = st.session_state.get(COMPARE_JOB)
-    if st.button("Compare", key="cmp_go", disabled=job is not None):
+    cmp_run = collect(COMPARE_RUN, COMPARISON, COMPARE_ERROR)
+    if st.button("Compare", key="cmp_go", disabled=cmp_run is not None):
+        for stale in (COMPARISON, COMPARE_ERROR):
+            st.session_state.pop(stale, None)
         with ui.guard():
             settings = read_settings()
-            if len(chosen) < 2:
-                from engine.errors import InputError
-
-                raise InputError("Pick at least two models to compare.")
-            job = start_job(
-                lambda cancel, report: compare(
-                    wb, chosen, cmp_prompt, settings, cancel=cancel, report=report
-                )
-            )
-        st.session_state[COMPARE_JOB] = job
-        st.session_state.pop(COMPARISON, None)
-
-    @st.fragment(run_every=POLL_S if job is not None else None)
-    def compare_progress() -> None:
-        current_job = st.session_state.get(COMPARE_JOB)
-        if current_job is None:
-            return
-        if current_job.done:
-            st.session_state.pop(COMPARE_JOB)
-            st.session_state[COMPARISON] = current_job
-            st.rerun(scope="app")
-        st.progress(min(current_job.fraction, 1.0), text=current_job.message or "Starting…")
-        st.button("Stop", key="cmp_stop_button", on_click=current_job.stop)
-
-    compare_progress()
-    finished = st.session_state.get(COMPARISON)
-    if finished is not None:
-        if finished.error_message():
-            ui.show_error(finished.error_message())
-        else:
-            comparison = finished.result
-            cols = st.columns(len(comparison.outcomes))
-            for col, outcome in zip(cols, comparison.outcomes, strict=True):
-                with col, st.container(border=True):
-                    st.markdown(f"**{outcome.model}**")
-                    if outcome.error:
-                        ui.show_error(outcome.error)
-                    else:
-                        r = outcome.result
-                        st.markdown(
-                            html.escape(r.text).replace("\n", "<br>"), unsafe_allow_html=True
-                        )
-                        ppl_text = f"{r.perplexity:.2f}" if r.perplexity else "–"
-                        st.caption(
-                            f"{len(r.tokens)} tokens · {r.finish_reason} · perplexity {ppl_text}"
-                        )
-                        st.markdown(token_html(r.tokens), unsafe_allow_html=True)
+            st.session_state[COMPARE_RUN] = wb.start_comparison(chosen, cmp_prompt, settings)
+        st.rerun()
+    ui.poll_run(COMPARE_RUN, lambda r: ui.run_progress(r, key="cmp_stop_button"))
+    if st.session_state.get(COMPARE_ERROR):
+        ui.show_error(st.session_state[COMPARE_ERROR])
+    comparison = st.session_state.get(COMPARISON)
+    if comparison is not None:
+        cols = st.columns(len(comparison.outcomes))
+        for col, outcome in zip(cols, comparison.outcomes, strict=True):
+            with col, st.container(border=True):
+                st.markdown(f"**{outcome.model}**")
+                if outcome.error:
+                    ui.show_error(outcome.error)
+                else:
+                    r = outcome.result
+                    st.markdown(html.escape(r.text).replace("\n", "<br>"), unsafe_allow_html=True)
+                    ppl_text = f"{r.perplexity:.2f}" if r.perplexity else "–"
+                    st.caption(
+                        f"{len(r.tokens)} tokens · {r.finish_reason} · perplexity {ppl_text}"
+                    )
+                    st.markdown(token_html(r.tokens), unsafe_allow_html=True)

@@ -28,6 +28,18 @@ def app(monkeypatch, tmp_path, tiny_models):
     st.cache_resource.clear()
 
 
+def wait_for_keys(at, *keys, timeout=60.0):
+    """Rerun (AppTest does not fire run_every) until one of ``keys`` is in session state."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(k in at.session_state for k in keys):
+            at.run()
+            return
+        time.sleep(0.05)
+        at.run()
+    raise AssertionError(f"none of {keys} appeared")
+
+
 def wait_for_result(at, timeout=60.0):
     """AppTest does not fire run_every: rerun until the worker's result is collected."""
     deadline = time.monotonic() + timeout
@@ -171,6 +183,7 @@ def test_save_a_preset(app, tmp_path):
 def test_evaluate_tab(app):
     app.text_area(key="eval_text").input("the movie was good")
     app.button(key="eval_ppl").click().run()
+    wait_for_keys(app, "eval_ppl_result", "eval_ppl_error")
     assert any(m.label == "Perplexity" for m in app.metric)
     app.text_area(key="eval_hyp").input("the cat sat")
     app.text_area(key="eval_ref").input("the cat sat")
@@ -179,7 +192,9 @@ def test_evaluate_tab(app):
     assert metrics["BLEU"] == "100.00" and metrics["chrF"] == "100.00"
     app.text_area(key="eval_text").input("   ")
     app.button(key="eval_ppl").click().run()
+    wait_for_keys(app, "eval_ppl_error")
     assert any("empty" in e.value for e in app.error)
+    assert not any(m.label == "Perplexity" for m in app.metric), "a stale result was shown"
 
 
 def test_compare_two_models(app, tiny_models, tmp_path):
@@ -198,6 +213,11 @@ def test_compare_two_models(app, tiny_models, tmp_path):
         time.sleep(0.05)
         app.run()
     app.run()
-    comparison = app.session_state["gen_comparison"].result
+    comparison = app.session_state["gen_comparison"]
     assert len(comparison.outcomes) == 2 and all(o.result for o in comparison.outcomes)
+    names = [str(tiny_models["llama"]), str(other)]
+    assert comparison.provenance.model == ", ".join(names)
+    assert comparison.provenance.fingerprint == ", ".join(
+        o.result.provenance.fingerprint for o in comparison.outcomes
+    )
     assert not app.exception

@@ -52,6 +52,39 @@ def show_error(message: str) -> None:
     st.error(message, icon="⚠️")
 
 
+POLL_S = 0.5  # how often a page redraws a running run (the view needs no more)
+
+
+def run_progress(run, cancel_label: str = "Stop", key: str = "run_cancel") -> None:
+    """Draw a running run's snapshot: progress bar with its message (or what it waits for)
+    and a cancel button. Call from a polling fragment."""
+    snap = run.snapshot()
+    label = snap.message or "Working…"
+    if snap.waiting:
+        st.info(label, icon="⏳")
+    st.progress(min(max(snap.fraction, 0.0), 1.0), text=f"{label} · {snap.seconds:.0f} s")
+    st.button(cancel_label, key=key, on_click=run.cancel, disabled=snap.cancelled)
+
+
+def poll_run(key: str, draw, every: float = POLL_S) -> None:
+    """While ``st.session_state[key]`` holds an unfinished run, redraw ``draw(run)`` every
+    ``every`` seconds in a fragment; once it has finished, rerun the whole page (once) so
+    the page can collect the result. Nothing polls when no run is going."""
+    run = st.session_state.get(key)
+    if run is None:
+        return
+
+    def body() -> None:
+        current = st.session_state.get(key)
+        if current is None:
+            return
+        if current.done:
+            st.rerun(scope="app")
+        draw(current)
+
+    st.fragment(body, run_every=every)()
+
+
 def selected_model_name() -> str:
     return st.session_state.get(MODEL_KEY) or DEFAULT_MODEL
 

@@ -9,7 +9,7 @@ logits hooks), ``cpu_speed`` (the CPU fast path), ``streaming`` (runs that strea
 and ``comparison`` (one prompt on several models).
 """
 
-from engine.generation.chat import ChatMessage, render_chat
+from engine.generation.chat import ChatMessage, conversation, render_chat
 from engine.generation.core import (
     GENERATIVE_KINDS,
     GenerationResult,
@@ -34,6 +34,7 @@ __all__ = [
     "Prepared",
     "TokenStep",
     "context_length",
+    "conversation",
     "generate",
     "parse_seed",
     "parse_stop_sequences",

@@ -50,3 +50,14 @@ def render_chat(tokenizer, messages: Sequence[ChatMessage]) -> str:
         )
     lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
     return "\n".join(lines) + "\nAssistant:"
+
+
+def conversation(
+    history: Sequence[tuple[str, str]], message: str, system: str = ""
+) -> list[ChatMessage]:
+    """The messages for a chat turn: an optional system message, the earlier turns
+    (``(role, content)`` pairs, oldest first) and the new user ``message``."""
+    messages = [ChatMessage("system", system.strip())] if system.strip() else []
+    messages += [ChatMessage(role, content) for role, content in history]
+    messages.append(ChatMessage("user", message))
+    return messages

@@ -231,16 +231,16 @@ def prepare(
             f"{loaded.name} is a {loaded.kind} model and cannot generate text: pick a causal LM "
             "or an encoder-decoder model."
         )
-    tokenizer = loaded.tokenizer
-    if messages:
-        msgs = tuple(messages)
-        model_input = render_chat(tokenizer, msgs)
-        prompt, mode, special = msgs[-1].content, "chat", False
-    else:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("The prompt is empty: type some text to continue.")
-        msgs, model_input, mode, special = (), prompt, "text", True
-    ids = tokenizer(model_input, return_tensors="pt", add_special_tokens=special)["input_ids"]
+    with loaded.tokenizing() as tokenizer:
+        if messages:
+            msgs = tuple(messages)
+            model_input = render_chat(tokenizer, msgs)
+            prompt, mode, special = msgs[-1].content, "chat", False
+        else:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError("The prompt is empty: type some text to continue.")
+            msgs, model_input, mode, special = (), prompt, "text", True
+        ids = tokenizer(model_input, return_tensors="pt", add_special_tokens=special)["input_ids"]
     n = int(ids.shape[1])
     if n == 0:
         raise InputError("The prompt has no tokens for this model: type some text.")
@@ -261,7 +261,8 @@ def prepare(
             )
         dropped = n - room
         ids = ids[:, -room:]
-        model_input = tokenizer.decode(ids[0])
+        with loaded.tokenizing() as tokenizer:
+            model_input = tokenizer.decode(ids[0])
     return Prepared(prompt, model_input, ids, mode, msgs, dropped)
 
 
@@ -339,7 +340,12 @@ def run_generation(
         settings = replace(settings, seed=secrets.randbelow(2**31))
     kwargs, recorder = generate_kwargs(loaded, prepared, settings)
     observer = Observer(
-        loaded.tokenizer, recorder, settings.stop_sequences, cancel or threading.Event(), on_step
+        loaded.tokenizer,
+        recorder,
+        settings.stop_sequences,
+        cancel or threading.Event(),
+        on_step,
+        tokenizer_lock=loaded.tokenizer_lock,
     )
     kwargs["stopping_criteria"] = StoppingCriteriaList([observer])
     with loaded.use(), torch.inference_mode(), onednn_linears(loaded.model):

@@ -13,9 +13,11 @@ encoder-decoder models work); these small objects plug into it:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +97,11 @@ class Observer(StoppingCriteria):
         stop_sequences: Sequence[str],
         cancel: threading.Event,
         on_step: Callable[[TokenStep, str], None] | None = None,
+        tokenizer_lock: AbstractContextManager | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # Fast tokenizers are not thread-safe: decode under the model's tokenizer lock.
+        self.tokenizer_lock = tokenizer_lock or contextlib.nullcontext()
         self.recorder = recorder
         self.stop_sequences = [s for s in stop_sequences if s]
         self.cancel = cancel
@@ -111,7 +116,8 @@ class Observer(StoppingCriteria):
     def _piece(self, token_id: int) -> str:
         piece = self._decoded.get(token_id)
         if piece is None:
-            piece = self.tokenizer.decode([token_id])
+            with self.tokenizer_lock:
+                piece = self.tokenizer.decode([token_id])
             self._decoded[token_id] = piece
         return piece
 
@@ -128,7 +134,8 @@ class Observer(StoppingCriteria):
         step = TokenStep(token_id, self._piece(token_id), logprob, alternatives)
         self.steps.append(step)
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         stop = False
         for sequence in self.stop_sequences:
             at = text.find(sequence)

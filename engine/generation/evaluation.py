@@ -58,8 +58,7 @@ def perplexity(loaded: LoadedModel, text: str, window: int | None = None) -> Per
         )
     if not isinstance(text, str) or not text.strip():
         raise InputError("The text is empty: paste some text to score.")
-    tokenizer = loaded.tokenizer
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    ids = loaded.encode(text, return_tensors="pt")["input_ids"][0]
     n = int(ids.shape[0])
     if n < 2:
         raise InputError("Perplexity needs at least two tokens: paste a longer text.")
@@ -85,12 +84,14 @@ def perplexity(loaded: LoadedModel, text: str, window: int | None = None) -> Per
             logprobs[first - 1 : end - 1] = chosen[first - start - 1 :]
             scored_until = end
             start += stride
+    with loaded.tokenizing() as tokenizer:
+        token_texts = tuple(tokenizer.decode([i]) for i in ids.tolist())
     lp_np = logprobs.numpy().astype(np.float64)
     mean_nll = float(-lp_np.mean())
     return PerplexityResult(
         text=text,
         token_ids=ids.numpy(),
-        token_texts=tuple(tokenizer.decode([i]) for i in ids.tolist()),
+        token_texts=token_texts,
         token_logprobs=lp_np,
         perplexity=math.exp(mean_nll),
         mean_nll=mean_nll,

@@ -26,29 +26,29 @@ def _settings(args) -> GenerationSettings:
 
 
 def generate(args, _extra) -> int:
-    from engine.generation.chat import ChatMessage
+    from engine.generation import conversation
 
     settings = _settings(args)
     model = open_workbench().load(args.model, progress=progress_printer)
     messages = None
     if args.chat:
-        messages = [ChatMessage("system", args.system)] if args.system else []
-        messages.append(ChatMessage("user", args.prompt))
+        messages = conversation([], args.prompt, args.system or "")
     if args.json:
-        result = model.stream(args.prompt, settings, messages).wait()
+        result = model.start_generation(args.prompt, settings, messages).wait()
         print_json(result.to_dict())
         return 0
-    run = model.stream(args.prompt, settings, messages)
+    run = model.start_generation(args.prompt, settings, messages)
     shown = 0
     try:
         while not run.done:
             run.join(0.05)
-            text = run.snapshot().text
+            partial = run.snapshot().partial
+            text = partial.text if partial is not None else ""
             sys.stdout.write(text[shown:])
             sys.stdout.flush()
             shown = len(text)
     except KeyboardInterrupt:
-        run.stop()
+        run.cancel()
     result = run.wait()
     sys.stdout.write(result.text[shown:] + "\n")
     ppl = f"{result.perplexity:.2f}" if result.perplexity is not None else "n/a"
