@@ -52,3 +52,40 @@ def test_app_shell_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_project_config_turns_streamlit_post_script_gc_off():
+    """A full gc after every rerun (~200 ms of GIL with torch loaded) starved decoding."""
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["runner"]["postScriptGC"] is False
+
+
+def test_serve_applies_the_project_config_from_another_folder(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from workbench.cli import serve
+
+    monkeypatch.chdir(tmp_path)
+    command, cwd, env = serve.serve_command(["--server.port", "8600"])
+    env = {**env, "HOME": str(tmp_path)}  # no user-level ~/.streamlit/config.toml
+    assert (
+        Path(cwd) == REPO
+        and Path(command[command.index("run") + 1]) == REPO / "workbench" / "app.py"
+    )
+    flag = command.index("--runner.postScriptGC")
+    assert command[flag + 1] == "false" and flag < command.index("--server.port")
+    # Streamlit started where serve starts it reads the project's config file
+    code = "from streamlit import config; print(config.get_option('runner.postScriptGC'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    # ...which a server started from this other folder would not (the flag covers that case)
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert elsewhere.stdout.strip() == "True"

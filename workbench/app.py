@@ -4,6 +4,9 @@ Draws the shell first (navigation, sidebar), then starts the engine, so the firs
 at once and the torch import happens behind a spinner.
 """
 
+import gc
+import threading
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -27,6 +30,32 @@ PAGES = [
     for i, (file, title, icon, url) in enumerate(PAGE_TABLE)
 ]
 
+# Streamlit's per-rerun gc.collect(2) is off (.streamlit/config.toml, `workbench serve`): with
+# torch loaded a full collection holds the GIL for ~200 ms, which starved decoding when polling
+# fragments reran it several times a second. Python's generational collector still frees
+# cycles as usual; on top of that, a full collection runs at most once every few minutes, here
+# on a full rerun (a user action) and never in a fragment's polling rerun, which skips this file.
+FULL_COLLECTION_EVERY_S = 300.0
+
+
+@st.cache_resource(show_spinner=False)
+def _collection_clock() -> dict:
+    """Process-wide time of the last full collection (shared by every session)."""
+    return {"last": time.monotonic(), "lock": threading.Lock()}
+
+
+def collect_garbage_now_and_then(every_s: float = FULL_COLLECTION_EVERY_S) -> bool:
+    """Run ``gc.collect()`` if the last one here was more than ``every_s`` seconds ago."""
+    clock = _collection_clock()
+    with clock["lock"]:
+        if time.monotonic() - clock["last"] < every_s:
+            return False
+        clock["last"] = time.monotonic()
+    gc.collect()
+    return True
+
+
+collect_garbage_now_and_then()
 navigation = st.navigation(PAGES)
 st.sidebar.markdown("### :material/science: LLMOS Workbench")
 ui.model_picker()
