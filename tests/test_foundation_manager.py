@@ -73,21 +73,35 @@ def test_concurrent_loads_share_one_instance(workbench, tiny_models):
         t.start()
     for t in threads:
         t.join()
-    assert len({id(r) for r in results}) == 1
+    assert len(results) == 6 and len({id(r) for r in results}) == 1
 
 
 def test_concurrent_generation_matches_sequential(workbench, tiny_models):
     model = workbench.load(str(tiny_models["llama"]))
     prompts = ["the movie was", "i love this", "paris is a city", "hello world"]
-    expected = {p: model.generate(p, max_new_tokens=6, greedy=True).text for p in prompts}
-    got = {}
+    expected = {p: model.generate(p, max_new_tokens=6, greedy=True).tokens for p in prompts}
+    assert len({tuple(t.id for t in v) for v in expected.values()}) > 1, "prompts too alike"
+    jobs = prompts * 3
+    got: list = [None] * len(jobs)  # one slot per thread: no result can overwrite another
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs))
 
-    def run(p):
-        got[p] = model.generate(p, max_new_tokens=6, greedy=True).text
+    def run(i: int, prompt: str) -> None:
+        try:
+            start.wait(timeout=10)
+            got[i] = model.generate(prompt, max_new_tokens=6, greedy=True).tokens
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in prompts * 3]
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert got == expected
+        t.join(timeout=60)
+    assert not errors, errors
+    for i, prompt in enumerate(jobs):
+        assert got[i] is not None, f"thread {i} ({prompt!r}) produced nothing"
+        assert [t.id for t in got[i]] == [t.id for t in expected[prompt]], (i, prompt)
+        assert [t.logprob for t in got[i]] == pytest.approx(
+            [t.logprob for t in expected[prompt]], abs=1e-4
+        ), (i, prompt)
