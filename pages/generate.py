@@ -7,7 +7,6 @@ page collects its typed result when it ends. The run's error stays on the page u
 """
 
 import html
-import math
 
 import pandas as pd
 import streamlit as st
@@ -31,28 +30,9 @@ from engine.generation import (  # noqa: E402
 )
 from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
 from engine.generation.evaluation import overlap_scores  # noqa: E402
+from engine.generation.views import token_html  # noqa: E402
 
 st.session_state.setdefault(HISTORY, [])
-
-
-def prob_colour(p: float) -> str:
-    """Red (unlikely) to green (likely) background for a probability in [0, 1]."""
-    return f"hsl({120 * max(0.0, min(1.0, p)):.0f}, 75%, 82%)"
-
-
-def token_html(tokens) -> str:
-    """Tokens as coloured spans; hover shows probability and the top alternatives."""
-    spans = []
-    for t in tokens:
-        p = math.exp(t.logprob)
-        alts = " | ".join(f"{a.text!r} {math.exp(a.logprob):.3f}" for a in t.alternatives)
-        text = html.escape(t.text).replace("\n", "↵<br>") or "∅"
-        tip = html.escape(f"p={p:.4f}  logprob={t.logprob:.3f}\n{alts}")
-        spans.append(
-            f'<span class="gen-token" title="{tip}" style="background:{prob_colour(p)};'
-            f'border-radius:3px;padding:0 1px;margin:0 1px;white-space:pre-wrap">{text}</span>'
-        )
-    return f'<div class="gen-tokens" style="line-height:1.9">{"".join(spans)}</div>'
 
 
 def read_settings() -> GenerationSettings:

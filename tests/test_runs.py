@@ -222,3 +222,14 @@ def test_concurrent_runs_on_one_model_each_get_their_own_answer(llama):
     started = [llama.start_generation(p, settings) for p in prompts * 2]
     together = [[t.id for t in r.wait(60).tokens] for r in started]
     assert together == [alone[p] for p in prompts * 2]
+
+
+def test_token_view_escapes_hostile_token_text():
+    from engine.generation import Alternative, TokenStep
+    from engine.generation.views import token_html
+
+    hostile = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
+    step = TokenStep(5, hostile, -0.1, (Alternative(6, hostile, -2.0),))
+    page = token_html([step])
+    assert "<script" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "onerror" in page  # shown as text, not run
