@@ -9,6 +9,8 @@ The same objects serve the Streamlit pages and the CLI.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +20,7 @@ from engine.catalog import EMBEDDED, resolve
 from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
 from engine.errors import MissingPackageError
 from engine.generation import GenerationResult, GenerationSettings
+from engine.ledger import Ledger, RunRecord
 from engine.loading import LoadOptions, Progress, _quiet
 from engine.manager import LoadedModel, ModelInfo, ModelManager
 from engine.runs import Run
@@ -40,11 +43,32 @@ class CatalogEntry:
     loaded: bool
 
 
-class Model:
-    """A handle on one shared loaded model. Every method is input -> typed result."""
+def _recorded(method: Callable[..., Run]) -> Callable[..., Run]:
+    """A ``Model.start_*`` method whose runs are recorded in the workbench's ledger."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    @functools.wraps(method)
+    def wrapper(self: Model, *args, **kwargs) -> Run:
+        if self._workbench is None:
+            return method(self, *args, **kwargs)
+        with runs.recording(self._record):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class Model:
+    """A handle on one shared loaded model. Every method is input -> typed result.
+
+    ``start_*`` methods return a ``Run`` at once (progress, cancel, snapshot); the plain
+    methods wait for its result. Every run is recorded in the workbench's ledger.
+    """
+
+    def __init__(self, loaded: LoadedModel, workbench: Workbench | None = None) -> None:
         self._loaded = loaded
+        self._workbench = workbench
+
+    def _record(self, run: Run) -> None:
+        self._workbench.record(run, self._loaded)
 
     @property
     def name(self) -> str:
@@ -68,6 +92,7 @@ class Model:
             settings = GenerationSettings(**{**settings.__dict__, **overrides})
         return settings
 
+    @_recorded
     def start_generation(
         self,
         prompt: str,
@@ -99,6 +124,7 @@ class Model:
         """Reply to a conversation (``ChatMessage`` list) via the model's chat template."""
         return self.start_generation("", self._settings(settings, overrides), messages).wait()
 
+    @_recorded
     def start_perplexity(self, text: str) -> Run:
         """Perplexity of ``text`` as a run (result: ``PerplexityResult``)."""
         from engine.generation.evaluation import perplexity
@@ -111,6 +137,7 @@ class Model:
         """Perplexity of ``text`` under this (causal) model: ``PerplexityResult``."""
         return self.start_perplexity(text).wait()
 
+    @_recorded
     def start_classification(self, text: str, max_length: int = 512) -> Run:
         """``classify`` as a run (result: ``ClassificationResult``)."""
         from engine.classification import classify
@@ -193,7 +220,40 @@ class Workbench:
 
     def load(self, name: str, progress: Progress = _quiet) -> Model:
         """Load (once) and return a shared model. Embedded models are converted on first use."""
-        return Model(self.manager.load(name, progress))
+        return Model(self.manager.load(name, progress), self)
+
+    def model(self, loaded: LoadedModel) -> Model:
+        """A ``Model`` handle (recording into this workbench's ledger) on a loaded model."""
+        return Model(loaded, self)
+
+    @functools.cached_property
+    def ledger(self) -> Ledger:
+        """The run ledger under ``home`` (every run of this workbench is recorded there)."""
+        return Ledger(self.home)
+
+    def record(self, run: Run, loaded: LoadedModel | None = None) -> RunRecord:
+        """Append a finished run to the ledger (called on the run's worker thread)."""
+        snap = run.snapshot()
+        identity = {}
+        if loaded is not None:
+            identity = {
+                "model": loaded.name,
+                "fingerprint": loaded.fingerprint,
+                "tokenizer_hash": loaded.tokenizer_hash,
+                "dtype": loaded.placement.dtype_name,
+                "device": str(loaded.device),
+            }
+        return self.ledger.append(
+            run_id=run.id,
+            operation=run.operation,
+            spec=run.spec if isinstance(run.spec, dict) else {"spec": run.spec},
+            status=snap.state,
+            result=snap.result,
+            seconds=run.seconds,
+            error=snap.error,
+            identity=identity,
+            created=run.started,
+        )
 
     def unload(self, name: str) -> None:
         self.manager.unload(name)
@@ -239,7 +299,8 @@ class Workbench:
         """The same prompt on 2-4 models, one after another, as a run (result: ``Comparison``)."""
         from engine.generation.comparison import start_comparison
 
-        return start_comparison(self, names, prompt, settings or GenerationSettings(), messages)
+        with runs.recording(self.record):
+            return start_comparison(self, names, prompt, settings or GenerationSettings(), messages)
 
     def compare(
         self, names, prompt: str, settings: GenerationSettings | None = None, messages=None

@@ -8,6 +8,9 @@ here stores per-request state.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +64,19 @@ class LoadedModel:
     def device(self) -> torch.device:
         """Device of the input embeddings (where input ids must go)."""
         return self.model.get_input_embeddings().weight.device
+
+    @functools.cached_property
+    def tokenizer_hash(self) -> str:
+        """sha256 of the tokenizer's vocabulary/rules and its chat template (``sha256:<hex>``)."""
+        digest = hashlib.sha256()
+        with self.tokenizing() as tokenizer:
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                digest.update(backend.to_str().encode())
+            else:
+                digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+            digest.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+        return "sha256:" + digest.hexdigest()
 
     @property
     def parameters(self) -> int:

@@ -19,13 +19,14 @@ more (or when it ends without a result).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
@@ -146,6 +147,21 @@ _WORKERS = _Workers()
 _CURRENT = threading.local()
 
 
+@contextlib.contextmanager
+def recording(on_finish: Callable[[Run], None]) -> Iterator[None]:
+    """Runs started on this thread inside the block call ``on_finish(run)`` when they end.
+
+    The API layer wraps every capability's ``start_*`` in this, so each run is recorded in its
+    workbench's ledger without the capability knowing about ledgers.
+    """
+    previous = getattr(_CURRENT, "on_finish", None)
+    _CURRENT.on_finish = on_finish
+    try:
+        yield
+    finally:
+        _CURRENT.on_finish = previous
+
+
 def current() -> RunContext | None:
     """The context of the run executing on this thread, if any (the model lock reports waits)."""
     return getattr(_CURRENT, "context", None)
@@ -259,8 +275,11 @@ class Run(Generic[R]):
         idle_timeout_s: float | None = None,
         reserve_bytes: int = 0,
         budget: ResultBudget | None = None,
+        on_finish: Callable[[Run], None] | None = None,
     ) -> None:
         self.id = secrets.token_hex(8)
+        self._on_finish = on_finish
+        self.record_error: str | None = None
         self.operation = operation
         self.spec = spec
         self.idle_timeout_s = idle_timeout_s
@@ -308,6 +327,11 @@ class Run(Generic[R]):
             self._t1 = time.perf_counter()
         if state != "done" and self._ticket is not None:
             self._release()
+        if self._on_finish is not None:
+            try:  # e.g. the run ledger: a failure to record must not lose the result
+                self._on_finish(self)
+            except Exception as exc:  # noqa: BLE001
+                self.record_error = one_line_error(exc, "recording")
         self._done.set()
 
     # --- what callers use -----------------------------------------------------------------
@@ -399,17 +423,20 @@ def start(
     spec: Any = None,
     idle_timeout_s: float | None = None,
     reserve_bytes: int = 0,
+    on_finish: Callable[[Run], None] | None = None,
 ) -> Run[R]:
     """Start ``work(ctx)`` as a run on a worker thread and return at once.
 
     ``reserve_bytes``: the result's estimated size, reserved in the result budget before the
     run starts (``MemoryBudgetError`` here, in the caller's thread, when it does not fit).
+    ``on_finish(run)``: called once on the worker thread when the run has ended, before
+    ``wait()`` returns (the run ledger records it there).
     """
     return Run(
-        operation, work, spec=spec, idle_timeout_s=idle_timeout_s, reserve_bytes=reserve_bytes
+        operation,
+        work,
+        spec=spec,
+        idle_timeout_s=idle_timeout_s,
+        reserve_bytes=reserve_bytes,
+        on_finish=on_finish or getattr(_CURRENT, "on_finish", None),
     )
-
-
-def run_now(operation: str, work: Callable[[RunContext], R], *, spec: Any = None) -> R:
-    """Start a run and wait for its result (the CLI and the Python API's blocking calls)."""
-    return start(operation, work, spec=spec).wait()

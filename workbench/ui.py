@@ -91,12 +91,10 @@ def selected_model_name() -> str:
 
 def load_model(name: str) -> Model:
     """Load (or fetch from the cache) ``name`` with a visible progress bar."""
-    from engine.api import Model
-
     wb = engine()
     cached = wb.manager.get(name)
     if cached is not None:
-        return Model(cached)
+        return wb.model(cached)
     bar = st.progress(0.0, text=f"Loading {name}…")
     with guard():
         model = wb.load(

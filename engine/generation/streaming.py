@@ -34,14 +34,19 @@ def generation_spec(
     prompt: str,
     settings: GenerationSettings,
     messages: Sequence[ChatMessage] | None = None,
+    input_ids: Sequence[int] = (),
 ) -> dict:
-    """What was asked for, as plain data (kept with the run for provenance and re-runs)."""
+    """What was asked for, as plain data (kept with the run for provenance and re-runs).
+
+    ``input_ids``: the token ids the model sees (after the chat template and truncation).
+    """
     return {
         "model": loaded.name,
         "fingerprint": loaded.fingerprint,
         "prompt": prompt,
         "messages": [{"role": m.role, "content": m.content} for m in messages or ()],
         "settings": settings,
+        "input_ids": list(input_ids),
     }
 
 
@@ -73,6 +78,6 @@ def start_generation(
     return runs.start(
         "generate",
         work,
-        spec=generation_spec(loaded, prompt, settings, messages),
+        spec=generation_spec(loaded, prompt, settings, messages, prepared.input_ids[0].tolist()),
         idle_timeout_s=idle_timeout_s,
     )

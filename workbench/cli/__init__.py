@@ -10,7 +10,16 @@ import sys
 from engine.errors import EngineError
 
 # One module per command group; each defines register(subparsers).
-COMMAND_MODULES = ("serve", "models", "generate", "attention", "explain", "finetune", "classify")
+COMMAND_MODULES = (
+    "serve",
+    "models",
+    "generate",
+    "attention",
+    "explain",
+    "finetune",
+    "classify",
+    "history",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
