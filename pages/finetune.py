@@ -1,7 +1,8 @@
 """Fine-tune: pick data and a base model, start a background job, watch it learn, use the result.
 
-Jobs run in their own processes with their state on disk (engine.finetune.jobs), so this page
-only reads that state: a fragment polls it every second while a job is active.
+Jobs run in their own processes with their state on disk (engine.finetune.jobs); the page
+draws a job's run snapshot (``JobStore.run(id).snapshot()``, the same interface as every other
+run): a fragment polls it every second while the job is active.
 """
 
 import hashlib
@@ -13,7 +14,7 @@ import streamlit as st
 
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec, TrainConfig
-from engine.finetune.jobs import JobStore
+from engine.finetune.jobs import RESUMABLE, JobStore
 from workbench import ui
 
 st.title("Fine-tune")
@@ -72,28 +73,17 @@ def use_model(name: str) -> None:
     st.session_state[ui.MODEL_KEY] = name
 
 
-def results(job_id: str, task: str) -> None:
-    """Before vs after on the validation set, the confusion matrix, and a quick try-out."""
-    result = jobs.result(job_id)
-    if not result:
+def results(job_id: str, task: str, result) -> None:
+    """Before vs after on the validation set, the confusion matrix, and a quick try-out.
+    ``result``: the job's ``FinetuneResult`` (None: nothing recorded)."""
+    if result is None:
         return
-    before, after = result["metrics_before"], result["metrics_after"]
-    keys = [k for k in ("accuracy", "f1", "eval_loss", "perplexity") if k in after]
-    st.dataframe(
-        pd.DataFrame(
-            {
-                "metric": keys,
-                "before": [before.get(k) for k in keys],
-                "after": [after[k] for k in keys],
-            }
-        ),
-        hide_index=True,
-    )
-    if "confusion" in after:
-        labels = result["labels"]
+    st.dataframe(pd.DataFrame(result.comparison()), hide_index=True)
+    if "confusion" in result.metrics_after:
+        labels = list(result.labels)
         st.caption("Confusion matrix after training (rows: true label, columns: predicted).")
-        st.dataframe(pd.DataFrame(after["confusion"], index=labels, columns=labels))
-    name = result["model"]
+        st.dataframe(pd.DataFrame(result.metrics_after["confusion"], index=labels, columns=labels))
+    name = result.model
     if not name:
         st.info("The LoRA adapter is saved in the job folder but not merged into the store.")
         if st.button("Merge the adapter and store the model", key=f"merge_{job_id}"):
@@ -124,41 +114,43 @@ def results(job_id: str, task: str) -> None:
                 st.markdown(model.generate(text, max_new_tokens=32, greedy=True).text)
 
 
-def monitor(job_id: str) -> None:
-    """Status, progress with ETA, curves, log tail and the actions that fit the status."""
+def monitor(job_id: str, task: str, title: str) -> None:
+    """Status, progress with ETA, curves, log tail and the actions that fit the status, all
+    from one snapshot of the job's run."""
     with ui.guard():
-        info = jobs.get(job_id)
+        snap = jobs.run(job_id).snapshot()
+    progress = snap.partial  # FinetuneProgress: the job's own status word, steps, records
+    status = progress.status
     icon = {"completed": "✅", "failed": "❌", "cancelled": "⏹️", "interrupted": "⚠️"}.get(
-        info.status, "⏳"
+        status, "⏳"
     )
-    st.markdown(
-        f"{icon} **{info.status}** · job `{info.id}` · {info.task} on `{info.base}` → `{info.out}`"
-    )
-    if info.total_steps:
+    st.markdown(f"{icon} **{status}** · job `{job_id}` · {title}")
+    running = not snap.finished
+    if progress.total_steps:
         st.progress(
-            info.fraction,
-            text=f"Step {info.step}/{info.total_steps} · {info.phase} · "
-            f"ETA {fmt_seconds(info.eta_s) if info.active else '–'}",
+            snap.fraction,
+            text=f"Step {progress.step}/{progress.total_steps} · {progress.phase} · "
+            f"ETA {fmt_seconds(progress.eta_s) if running else '–'}",
         )
     else:
-        st.progress(0.0, text=info.message or info.phase)
-    if info.error:
-        st.warning(info.error)
+        st.progress(0.0, text=snap.message)
+    if snap.error:
+        st.warning(snap.error)
     buttons = st.columns(4)
-    if info.active and buttons[0].button("Cancel", key=f"cancel_{job_id}"):
+    if running and buttons[0].button("Cancel", key=f"cancel_{job_id}"):
         with ui.guard():
             jobs.cancel(job_id)
         st.rerun(scope="app")
-    if info.resumable and buttons[0].button("Resume", key=f"resume_{job_id}", type="primary"):
+    if status in RESUMABLE and buttons[0].button("Resume", key=f"resume_{job_id}", type="primary"):
         with ui.guard():
             jobs.resume(job_id)
         st.rerun(scope="app")
-    curves(jobs.metrics(job_id), info.task)
-    with st.expander("Log", expanded=info.status == "failed"):
+    curves(list(progress.records), task)
+    with st.expander("Log", expanded=snap.state == "failed"):
         st.code(jobs.log_tail(job_id, 40) or "(empty)", language="text")
-    if info.status == "completed":
-        results(job_id, info.task)
-    if info.active:
+    if snap.state == "done":
+        results(job_id, task, snap.result)
+    if running:
         st.session_state["ft_live"] = job_id
     elif st.session_state.get("ft_live") == job_id:  # just finished: refresh the whole page
         st.session_state.pop("ft_live")
@@ -181,7 +173,9 @@ if all_jobs:
         key="ft_job",
         format_func=lambda i: f"{i} · {by_id[i].out} · {by_id[i].status}",
     )
-    (live_monitor if by_id[chosen].active else still_monitor)(chosen)
+    job = by_id[chosen]
+    title = f"{job.task} on `{job.base}` → `{job.out}`"
+    (live_monitor if job.active else still_monitor)(chosen, job.task, title)
     with st.expander(f"All jobs ({len(all_jobs)})"):
         st.dataframe(
             pd.DataFrame(
@@ -326,9 +320,10 @@ if st.button("Start fine-tuning", type="primary", key="ft_start"):
             merge_lora=merge,
         ),
         processes=int(processes),
+        allow_pickle=wb.manager.options.allow_pickle,  # the server's WORKBENCH_ALLOW_PICKLE
     )
     with ui.guard():
-        job = jobs.submit(spec)
-    st.session_state["ft_select"] = job.id
+        started = jobs.submit(spec)
+    st.session_state["ft_select"] = started.id
     st.session_state.pop("ft_out", None)
     st.rerun()

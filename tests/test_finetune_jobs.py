@@ -91,13 +91,15 @@ def test_lora_instruction_job_keeps_the_adapter_then_merges_into_the_store(
     info = jobs.wait(jobs.submit(spec).id, timeout_s=120)
     assert info.status == "completed", jobs.log_tail(info.id)
     result = jobs.result(info.id)
-    assert result["metrics_after"]["eval_loss"] < result["metrics_before"]["eval_loss"]
-    assert result["metrics_after"]["perplexity"] > 1
-    assert result["model"] is None and (info.folder / "adapter" / "adapter_config.json").is_file()
+    assert result.metrics_after["eval_loss"] < result.metrics_before["eval_loss"]
+    assert result.metrics_after["perplexity"] > 1
+    assert result.model is None and (info.folder / "adapter" / "adapter_config.json").is_file()
     assert ModelStore(home).names() == set()  # adapter only, until merged
 
     merged = jobs.merge(info.id)
-    assert merged["model"] == "tiny-chat" and jobs.result(info.id)["model"] == "tiny-chat"
+    assert merged.model == "tiny-chat" and jobs.result(info.id).model == "tiny-chat"
+    assert merged.fingerprint == ModelStore(home).get("tiny-chat").manifest.fingerprint
+    assert merged.provenance == result.provenance and merged.steps == result.steps
     with pytest.raises(InputError, match="already in the store"):
         jobs.merge(info.id)
     entry = ModelStore(home).get("tiny-chat")

@@ -26,7 +26,7 @@ def test_minilm_learns_sentiment_well_above_chance(shared_home, real_workbench):
     seconds = time.monotonic() - start
     assert info.status == "completed", jobs.log_tail(job.id)
     result = jobs.result(job.id)
-    before, after = result["metrics_before"], result["metrics_after"]
+    before, after = result.metrics_before, result.metrics_after
     print(
         f"\nheld-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
         f"F1 {after['f1']:.3f}, {info.total_steps} steps, {seconds:.0f} s for the whole job"

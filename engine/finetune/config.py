@@ -6,6 +6,9 @@ fills the learning rate from the method (full fine-tuning vs LoRA) when left at 
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import asdict, dataclass, field, replace
 
 from engine.errors import InputError
@@ -13,6 +16,36 @@ from engine.finetune.data import TASKS, ColumnMap, Task
 from engine.store import validate_name
 
 DEFAULT_LR = {False: 5e-5, True: 5e-4}  # full fine-tuning, LoRA
+
+
+def _allowed(hint) -> tuple[type, ...]:
+    """Python types a field of type ``hint`` accepts (an int where a float is expected too)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _allowed(arg))
+    if typing.get_origin(hint) is typing.Literal:
+        return (str,)
+    if hint is float:
+        return (int, float)
+    if hint is type(None):
+        return (type(None),)
+    return (hint,) if isinstance(hint, type) else (object,)
+
+
+def check_types(value, what: str) -> None:
+    """``InputError`` naming the first field of dataclass ``value`` whose value has the wrong
+    type (e.g. ``{"epochs": "3"}`` from a JSON file), instead of a ``TypeError`` later."""
+    hints = typing.get_type_hints(type(value))
+    for f in dataclasses.fields(value):
+        got = getattr(value, f.name)
+        allowed = _allowed(hints[f.name])
+        wrong = not isinstance(got, allowed) or (isinstance(got, bool) and bool not in allowed)
+        if wrong:
+            names = " or ".join(
+                sorted({"None" if t is type(None) else t.__name__ for t in allowed})
+            )
+            raise InputError(
+                f"{what} {f.name} must be {names}, not {type(got).__name__} ({got!r})."
+            )
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,7 @@ class TrainConfig:
 
     def validated(self) -> TrainConfig:
         """Checked copy; raises ``InputError`` naming the bad value and the allowed range."""
+        check_types(self, "TrainConfig")
         checks = [
             (0 < self.epochs <= 100, f"epochs must be in (0, 100] (got {self.epochs})"),
             (0 <= self.max_steps <= 1_000_000, f"max_steps must be >= 0 (got {self.max_steps})"),
@@ -92,8 +126,11 @@ class JobSpec:
     columns: ColumnMap = field(default_factory=ColumnMap)
     train: TrainConfig = field(default_factory=TrainConfig)
     processes: int = 1
+    allow_pickle: bool = False  # a local base folder with pickled (.bin) weights may load
 
     def validated(self) -> JobSpec:
+        check_types(self, "JobSpec")
+        check_types(self.columns, "ColumnMap")
         if not self.base.strip():
             raise InputError("Choose a base model to fine-tune.")
         if self.task not in TASKS:
@@ -108,10 +145,24 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:
+        """From ``to_dict``'s form (e.g. JSON); an unknown key is an ``InputError``."""
+        for kind, given in (
+            (cls, data),
+            (ColumnMap, data.get("columns") or {}),
+            (TrainConfig, data.get("train") or {}),
+        ):
+            if not isinstance(given, dict):
+                raise InputError(f"{kind.__name__} must be a mapping, not {type(given).__name__}.")
+            unknown = set(given) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise InputError(
+                    f"Unknown {kind.__name__} setting(s) {', '.join(sorted(unknown))}: use "
+                    f"{', '.join(f.name for f in dataclasses.fields(kind))}."
+                )
         return cls(
             **{
                 **data,
-                "columns": ColumnMap(**data.get("columns", {})),
-                "train": TrainConfig(**data.get("train", {})),
+                "columns": ColumnMap(**(data.get("columns") or {})),
+                "train": TrainConfig(**(data.get("train") or {})),
             }
         )

@@ -39,12 +39,23 @@ SAMPLES: dict[str, tuple[str, Task, str]] = {
 
 @dataclass(frozen=True)
 class Table:
-    """A file read as rows of strings. ``rows[i]`` maps column -> cell text."""
+    """A file read as rows of strings. ``rows[i]`` maps column -> cell text.
+
+    ``lines[i]``: the file line row ``i`` starts on (1-based; TXT: its first line, or 0 when
+    unknown). ``nested``: (row index, column) of JSONL cells that held an object or a list
+    (kept as JSON text for display; refused when such a column is used for training).
+    """
 
     columns: tuple[str, ...]
     rows: tuple[dict[str, str], ...]
     fmt: str
     sha256: str
+    lines: tuple[int, ...] = ()
+    nested: frozenset[tuple[int, str]] = frozenset()
+
+    def line_of(self, row: int) -> int:
+        """File line of row ``row`` (0-based index), or the 1-based row number if unknown."""
+        return self.lines[row] if row < len(self.lines) and self.lines[row] else row + 1
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -139,31 +150,47 @@ def read_table(source: str | Path, data: bytes | None = None) -> Table:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if not text.strip():
         raise InputError(f"{name} is empty: it needs at least a few examples.")
+    lines: list[int] = []
+    nested: set[tuple[int, str]] = set()
     if suffix == ".csv":
-        columns, rows = _read_csv(text, name)
+        columns, rows, lines = _read_csv(text, name)
     elif suffix == ".jsonl":
-        columns, rows = _read_jsonl(text, name)
+        columns, rows, lines, nested = _read_jsonl(text, name)
     else:
         columns, rows = _read_txt(text)
     if not rows:
         raise InputError(f"{name} has a header but no data rows.")
-    return Table(tuple(columns), tuple(rows), suffix.lstrip("."), digest)
+    return Table(
+        tuple(columns), tuple(rows), suffix.lstrip("."), digest, tuple(lines), frozenset(nested)
+    )
 
 
-def _read_csv(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
+def _read_csv(text: str, name: str) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """Header, rows and the line each row starts on. Strict quoting: a quote that is never
+    closed (or closed in the middle of a cell) is refused with the line it was opened on,
+    instead of silently swallowing the following rows into one cell."""
+    reader = csv.reader(io.StringIO(text), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    end = 0  # last line consumed so far
     try:
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader)
-        body = list(reader)
+        for cells in reader:
+            records.append((end + 1, cells))
+            end = reader.line_num
     except csv.Error as exc:
-        raise InputError(f"{name} is not valid CSV ({exc}): check its quoting.") from exc
+        raise InputError(
+            f"{name} line {end + 1}: a quoted cell that starts on this line is not closed "
+            f'properly ({exc}): close the quote, and double any quote inside a cell ("").'
+        ) from exc
+    if not records:
+        raise InputError(f"{name} is empty: it needs at least a few examples.")
+    header = records[0][1]
     columns = [c.strip() for c in header]
     if not any(columns) or len(set(columns)) != len(columns) or "" in columns:
         raise InputError(
             f"{name}: the first row must be a header of distinct column names (got {header})."
         )
-    rows = []
-    for line_no, cells in enumerate(body, start=2):
+    rows, lines = [], []
+    for line_no, cells in records[1:]:
         if not any(c.strip() for c in cells):
             continue  # blank line
         if len(cells) != len(columns):
@@ -172,12 +199,18 @@ def _read_csv(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
                 f"{len(columns)}: quote cells that contain commas."
             )
         rows.append(dict(zip(columns, (c.strip() for c in cells), strict=True)))
-    return columns, rows
+        lines.append(line_no)
+    return columns, rows, lines
 
 
-def _read_jsonl(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
+def _read_jsonl(
+    text: str, name: str
+) -> tuple[list[str], list[dict[str, str]], list[int], set[tuple[int, str]]]:
+    """Columns, rows, the line of each row, and the (row, column) cells that were nested."""
     columns: list[str] = []
-    rows = []
+    rows: list[dict[str, str]] = []
+    lines: list[int] = []
+    nested: set[tuple[int, str]] = set()
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -185,15 +218,26 @@ def _read_jsonl(text: str, name: str) -> tuple[list[str], list[dict[str, str]]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{name} line {line_no} is not valid JSON ({exc.msg}).") from exc
+        except RecursionError as exc:  # e.g. 100k nested "[": too deep for the parser
+            raise InputError(
+                f"{name} line {line_no} is nested too deeply to read: each line must be one "
+                "flat JSON object of text values."
+            ) from exc
         if not isinstance(obj, dict):
             raise InputError(
                 f"{name} line {line_no} must be a JSON object, not {type(obj).__name__}."
             )
-        for key in obj:
+        row: dict[str, str] = {}
+        for key, value in obj.items():
             if key not in columns:
                 columns.append(key)
-        rows.append({k: "" if v is None else str(v).strip() for k, v in obj.items()})
-    return columns, rows
+            if isinstance(value, dict | list):
+                nested.add((len(rows), key))
+                value = json.dumps(value, ensure_ascii=False)
+            row[key] = "" if value is None else str(value).strip()
+        rows.append(row)
+        lines.append(line_no)
+    return columns, rows, lines, nested
 
 
 def _read_txt(text: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -248,11 +292,22 @@ def _require(table: Table, column: str | None, role: str, name: str) -> str:
             f"{name} has no column {column!r} for the {role}: "
             f"available columns are {', '.join(table.columns)}."
         )
-    empty = [i for i, row in enumerate(table.rows, start=1) if not row.get(column, "").strip()]
+    nested = sorted(table.line_of(i) for i, col in table.nested if col == column)
+    if nested:
+        shown = ", ".join(map(str, nested[:5])) + (" …" if len(nested) > 5 else "")
+        raise InputError(
+            f"{name} line{'s' if len(nested) > 1 else ''} {shown}: the {role} ({column!r}) is a "
+            "JSON object or list, not text: "
+            "give it as a plain string."
+        )
+    empty = [
+        table.line_of(i) for i, row in enumerate(table.rows) if not row.get(column, "").strip()
+    ]
     if empty:
         shown = ", ".join(map(str, empty[:5])) + (" …" if len(empty) > 5 else "")
+        where = "lines" if table.lines else "rows"
         raise InputError(
-            f"{name}: {len(empty)} row(s) have an empty {role} ({column!r}), rows {shown}: "
+            f"{name}: {len(empty)} row(s) have an empty {role} ({column!r}), {where} {shown}: "
             "fill them in or remove them."
         )
     return column

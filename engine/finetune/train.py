@@ -3,8 +3,9 @@
 Resumable by construction: the batch order of step ``s`` depends only on the seed and ``s``,
 and dropout is reseeded every step, so a job killed at any point and resumed from its last
 checkpoint runs exactly the planned number of steps. Process 0 alone writes ``state.json``,
-``metrics.jsonl``, checkpoints and the store entry; the store write is atomic
-(``ModelStore.write``), so the store never holds half a model.
+``metrics.jsonl``, checkpoints, ``result.json`` and the store entry; every one of those writes
+is atomic (``engine.files``, ``ModelStore.write``): a full disk ends the job with a one-line
+``DiskError`` and leaves no partial file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,12 @@ import torch
 from engine.catalog import EMBEDDED, resolve
 from engine.devices import choose_placement
 from engine.errors import CancelledError, InputError
+from engine.files import atomic_write, atomic_write_json, atomic_write_text, disk_error
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec
-from engine.finetune.jobs import read_json, write_json
+from engine.finetune.jobs import read_json
+from engine.finetune.result import FinetuneResult
+from engine.provenance import Provenance
 from engine.store import ModelStore, fingerprint
 
 IGNORE = -100  # label id ignored by the loss
@@ -57,8 +61,9 @@ class Base:
 # --- base model and data ---------------------------------------------------------------
 
 
-def find_base(name: str, store: ModelStore) -> Base:
-    """Folder of an embedded model (converted into the store once), store entry or local folder."""
+def find_base(name: str, store: ModelStore, allow_pickle: bool = False) -> Base:
+    """Folder of an embedded model (converted into the store once), store entry or local folder.
+    ``allow_pickle``: accept a local folder whose weights are pickled (``JobSpec.allow_pickle``)."""
     from engine.loading import LoadOptions, check_local_weights, materialize_embedded
 
     ref = resolve(name, store.names())
@@ -70,7 +75,7 @@ def find_base(name: str, store: ModelStore) -> Base:
         return Base(name, entry.path, entry.manifest.fingerprint, entry.manifest.licence)
     if ref.source == "local":
         folder = Path(ref.location)
-        check_local_weights(folder, LoadOptions())
+        check_local_weights(folder, LoadOptions(allow_pickle=allow_pickle))
         return Base(name, folder, fingerprint(folder), "unknown (local folder)")
     raise InputError(
         f"Fine-tuning needs a local base model, not the hub id {name!r}: use an embedded model, "
@@ -83,6 +88,7 @@ def load_model(spec: JobSpec, base: Base, labels: tuple[str, ...]):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base.folder)
+    weights = {"use_safetensors": None if spec.allow_pickle else True}
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if spec.task == "classification":
@@ -93,10 +99,11 @@ def load_model(spec: JobSpec, base: Base, labels: tuple[str, ...]):
             label2id={lab: i for i, lab in enumerate(labels)},
             ignore_mismatched_sizes=True,
             dtype=torch.float32,
+            **weights,
         )
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model = AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base.folder, dtype=torch.float32, **weights)
     if spec.train.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -270,25 +277,30 @@ class Recorder:
     def update(self, **fields) -> None:
         if self.enabled:
             self.state.update(fields, updated=time.time())
-            write_json(self.folder / "state.json", self.state)
+            atomic_write_json(self.folder / "state.json", self.state, "the job's state")
 
     def metric(self, record: dict) -> None:
+        """Append one record (one line; a reader skips a line caught half-written)."""
         if self.enabled:
-            with open(self.folder / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+            try:
+                with open(self.folder / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps({**record, "time": time.time()}) + "\n")
+            except OSError as exc:
+                raise disk_error(exc, "the job's metrics") from exc
 
     def truncate(self, step: int) -> None:
-        """Drop records after ``step`` (they are redone after a resume)."""
+        """Drop records after ``step`` (they are redone after a resume); atomic."""
         path = self.folder / "metrics.jsonl"
         if self.enabled and path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if line.strip() and json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue  # the half line of a process killed while appending
+            text = "".join(line + "\n" for line in keep)
+            atomic_write_text(path, text, "the job's metrics")
 
     def log(self, message: str) -> None:
         if self.enabled:
@@ -300,18 +312,20 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler) -> None:
-    """Atomically write the resume point for ``step`` and drop older ones."""
-    folder.mkdir(exist_ok=True)
+    """Atomically write the resume point for ``step`` and drop older ones. A full disk raises a
+    one-line ``DiskError``; the previous checkpoint stays and no partial file is left."""
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise disk_error(exc, "the checkpoint folder") from exc
     target = folder / f"step-{step:07d}.pt"
-    tmp = folder / f".{target.name}.tmp"
     state = {
         "step": step,
         "model": _trainable(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
     }
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: torch.save(state, tmp), f"checkpoint {target.name}")
     for old in folder.glob("step-*.pt"):
         if old != target:
             old.unlink(missing_ok=True)
@@ -332,8 +346,8 @@ def cancel_requested(folder: Path, dist: Dist) -> bool:
     return flag
 
 
-def run(folder: Path, home: Path, dist: Dist = Dist()) -> dict | None:
-    """Run (or resume) the job in ``folder``. Returns the result dict on process 0."""
+def run(folder: Path, home: Path, dist: Dist = Dist()) -> FinetuneResult | None:
+    """Run (or resume) the job in ``folder``. Returns the result on process 0."""
     from transformers import get_linear_schedule_with_warmup
 
     spec = JobSpec.from_dict(read_json(folder / "spec.json"))
@@ -341,7 +355,7 @@ def run(folder: Path, home: Path, dist: Dist = Dist()) -> dict | None:
     rec = Recorder(folder, dist.main)
     rec.update(phase="loading", message=f"Loading {spec.base} and the data…")
     store = ModelStore(home)
-    base = find_base(spec.base, store)
+    base = find_base(spec.base, store, spec.allow_pickle)
     prepared = ftdata.load(spec.data, spec.task, spec.columns, cfg.val_fraction, cfg.seed)
 
     placement = choose_placement()
@@ -350,6 +364,13 @@ def run(folder: Path, home: Path, dist: Dist = Dist()) -> dict | None:
         device = torch.device(device.type, dist.local_rank)
     autocast = dict(
         device_type=device.type, dtype=placement.dtype, enabled=placement.dtype != torch.float32
+    )
+    provenance = Provenance(
+        model=spec.base,
+        fingerprint=base.fingerprint,
+        dtype=training_dtype(placement.dtype),
+        device=str(device),
+        seed=cfg.seed,
     )
 
     torch.manual_seed(cfg.seed)
@@ -417,7 +438,7 @@ def run(folder: Path, home: Path, dist: Dist = Dist()) -> dict | None:
     if before is None:
         before = run_eval(0, "before")
         if dist.main:
-            write_json(folder / "before.json", before)
+            atomic_write_json(folder / "before.json", before, "the job's first evaluation")
 
     delay = float(os.environ.get("WORKBENCH_FT_STEP_DELAY", "0") or 0)  # tests: slow the loop down
     rec.update(
@@ -477,12 +498,20 @@ def run(folder: Path, home: Path, dist: Dist = Dist()) -> dict | None:
     rec.update(phase="saving", step=total, message=f"Saving {spec.out} into the model store…")
     memory = peak_memory(device)
     rec.log("peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
-    result = export(folder, spec, base, prepared, raw, tokenizer, store, before, after, total)
-    result["peak_memory"] = memory
-    write_json(folder / "result.json", result)
+    result = export(
+        folder, spec, base, prepared, raw, tokenizer, store, before, after, total,
+        provenance=provenance, peak_memory=memory,
+    )  # fmt: skip
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     rec.update(phase="done", message=f"Saved {spec.out}.")
     return result
+
+
+def training_dtype(dtype: torch.dtype) -> str:
+    """The provenance dtype of a job: ``float32``, or e.g. ``bfloat16-autocast`` (weights and
+    optimizer state stay float32; the forward pass runs under autocast)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if dtype == torch.float32 else f"{name}-autocast"
 
 
 def peak_memory(device: torch.device) -> dict[str, int]:
@@ -506,21 +535,47 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 
 def export(
-    folder, spec: JobSpec, base: Base, prepared, model, tokenizer, store, before, after, steps
-) -> dict:
+    folder, spec: JobSpec, base: Base, prepared, model, tokenizer, store, before, after, steps,
+    *, provenance: Provenance, peak_memory: dict[str, int] | None = None,
+) -> FinetuneResult:  # fmt: skip
     """Write the tuned model into the store (atomically) and ``result.json`` into the job folder.
 
     LoRA: the adapter is saved to ``<job>/adapter`` and copied into the entry's ``adapter/``;
     the stored weights are the merged model, so every page loads it with the normal loader.
     """
     cfg = spec.train
+
+    def finish(stored: str | None, entry_fingerprint: str | None) -> FinetuneResult:
+        result = FinetuneResult(
+            model=stored,
+            base=spec.base,
+            base_fingerprint=base.fingerprint,
+            task=spec.task,
+            labels=tuple(prepared.labels),
+            data_hash=prepared.hash,
+            steps=steps,
+            metrics_before=before,
+            metrics_after=after,
+            adapter=cfg.lora,
+            fingerprint=entry_fingerprint,
+            hyperparameters=cfg,
+            processes=spec.processes,
+            peak_memory=dict(peak_memory or {}),
+            job_id=folder.name,
+            provenance=provenance,
+        )
+        atomic_write_json(folder / "result.json", result.to_dict(), "the job's result")
+        return result
+
     if cfg.lora:
-        model.save_pretrained(folder / "adapter")
-        tokenizer.save_pretrained(folder / "adapter")
+        try:
+            model.save_pretrained(folder / "adapter")
+            tokenizer.save_pretrained(folder / "adapter")
+        except OSError as exc:
+            shutil.rmtree(folder / "adapter", ignore_errors=True)
+            raise disk_error(exc, "the LoRA adapter") from exc
         if not cfg.merge_lora:
-            result = _result(spec, base, prepared, before, after, steps, stored=None)
-            write_json(folder / "result.json", result)
-            return result
+            return finish(None, None)
         model = model.merge_and_unload()
     extra = {
         "description": f"{spec.task} fine-tune of {spec.base}"
@@ -535,6 +590,7 @@ def export(
         "steps": steps,
         "metrics_before": before,
         "metrics_after": after,
+        "provenance": asdict(provenance),
     }
 
     def save(tmp: Path) -> None:
@@ -553,49 +609,33 @@ def export(
         base_fingerprint=base.fingerprint,
         extra=extra,
     )
-    result = _result(spec, base, prepared, before, after, steps, stored=entry.name)
-    write_json(folder / "result.json", result)
-    return result
+    return finish(entry.name, entry.manifest.fingerprint)
 
 
-def _result(spec, base, prepared, before, after, steps, stored) -> dict:
-    return {
-        "model": stored,
-        "base": spec.base,
-        "base_fingerprint": base.fingerprint,
-        "task": spec.task,
-        "labels": list(prepared.labels),
-        "data_hash": prepared.hash,
-        "steps": steps,
-        "metrics_before": before,
-        "metrics_after": after,
-        "adapter": spec.train.lora,
-    }
-
-
-def merge_adapter(folder: Path, home: Path) -> dict:
+def merge_adapter(folder: Path, home: Path) -> FinetuneResult:
     """Merge a job's saved LoRA adapter (``merge_lora=False``) and store the merged model."""
     spec = JobSpec.from_dict(read_json(folder / "spec.json"))
     if not (folder / "adapter").is_dir():
         raise InputError(f"Job {folder.name} has no saved LoRA adapter to merge.")
     store = ModelStore(home)
-    base = find_base(spec.base, store)
+    base = find_base(spec.base, store, spec.allow_pickle)
     prepared = ftdata.load(
         spec.data, spec.task, spec.columns, spec.train.val_fraction, spec.train.seed
     )
     from peft import PeftModel
 
     model, tokenizer = load_model(
-        JobSpec.from_dict({**spec.to_dict(), "train": {**asdict(spec.train), "lora": False}}),
-        base,
-        prepared.labels,
+        replace(spec, train=replace(spec.train, lora=False)), base, prepared.labels
     )
     model = PeftModel.from_pretrained(model, folder / "adapter")
-    old = read_json(folder / "result.json", {})
-    merged = JobSpec.from_dict(
-        {**spec.to_dict(), "train": {**asdict(spec.train), "merge_lora": True}}
-    )
+    recorded = read_json(folder / "result.json")
+    if not isinstance(recorded, dict):
+        raise InputError(f"Job {folder.name} has no recorded result: it has not completed.")
+    old = FinetuneResult.from_dict(recorded)
+    merged = replace(spec, train=replace(spec.train, merge_lora=True))
     return export(
         folder, merged, base, prepared, model, tokenizer, store,
-        old.get("metrics_before", {}), old.get("metrics_after", {}), old.get("steps", 0),
+        old.metrics_before, old.metrics_after, old.steps,
+        provenance=old.provenance or Provenance(spec.base, base.fingerprint, "float32", "cpu"),
+        peak_memory=old.peak_memory,
     )  # fmt: skip

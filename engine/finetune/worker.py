@@ -5,20 +5,26 @@ Also runs under the standard launchers for scale-out (DDP; gloo on CPU, NCCL on 
     torchrun --nproc_per_node 2 -m engine.finetune.worker JOB_ID
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 -m engine.finetune.worker JOB_ID
 
-Process 0 records the job's status in the job table; the outcome is ``completed``,
-``cancelled`` (flag file or SIGTERM) or ``failed`` with a one-line error (traceback in log.txt).
+Process 0 claims the job (compare-and-set: a second worker on a running job is refused) and
+records its outcome in the job table: ``completed``, ``cancelled`` (flag file or SIGTERM) or
+``failed`` with a one-line error (a full disk included; the traceback of a crash is in
+log.txt).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import traceback
 from pathlib import Path
 
 from engine.errors import CancelledError, EngineError
-from engine.finetune.jobs import JobStore
+from engine.files import atomic_write_json
+from engine.finetune.jobs import ACTIVE, JobStore, read_json
+from engine.runs import one_line_error
 from engine.store import workbench_home
 
 
@@ -61,32 +67,35 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     dist = None
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    attached = False  # only the process that holds the job may record how it ended
+
+    def finish(status: str, error: str | None = None) -> None:
+        if rank0 and attached:
+            _record(jobs, job_id, folder, status, error)
+
     try:
         if rank0:
-            jobs.attach(job_id)
-            jobs.set_status(job_id, "running")
+            jobs.attach(job_id)  # compare-and-set: refuses a second worker on a running job
+            attached = True
         dist = _dist()
         from engine.finetune import train
 
         train.run(folder, home, dist)
-        if rank0:
-            jobs.set_status(job_id, "completed")
+        finish("completed")
         return 0
     except CancelledError as exc:
         if rank0:
             print(str(exc), flush=True)
-            jobs.set_status(job_id, "cancelled", str(exc))
+        finish("cancelled", str(exc))
         return 1
-    except EngineError as exc:
+    except EngineError as exc:  # bad input, a full disk (DiskError), ...: its own one line
         if rank0:
             print(f"error: {exc}", flush=True)
-            jobs.set_status(job_id, "failed", str(exc))
+        finish("failed", one_line_error(exc, "fine-tuning"))
         return 1
     except Exception as exc:  # a crash: one line for the table, the traceback for the log
         traceback.print_exc()
-        if rank0:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            jobs.set_status(job_id, "failed", f"{type(exc).__name__}: {first}"[:500])
+        finish("failed", one_line_error(exc, "fine-tuning"))
         return 1
     finally:
         if dist is not None and dist.world > 1:
@@ -94,6 +103,26 @@ def main(argv: list[str] | None = None) -> int:
 
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def _record(jobs: JobStore, job_id: str, folder: Path, status: str, error: str | None) -> None:
+    """Record the job's end (running -> completed, failed or cancelled) and its phase.
+
+    Best effort on a broken file system: if even the job table cannot be written (a disk so
+    full that SQLite fails), the job shows as interrupted once this process has exited, and
+    the reason is in log.txt.
+    """
+    try:
+        jobs.set_status(job_id, status, error, expect=ACTIVE)
+    except sqlite3.Error as exc:
+        print(f"could not record the job's status ({status}: {error}): {exc}", flush=True)
+    if status == "failed":
+        state = read_json(folder / "state.json", {}) or {}
+        message = f"Failed: {error}" if error else "Failed."
+        with contextlib.suppress(EngineError):  # the job table already holds the reason
+            atomic_write_json(
+                folder / "state.json", {**state, "phase": "failed", "message": message}
+            )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """``workbench finetune --base MODEL --task classification|causal-lm --data FILE --out NAME``.
 
 Runs the job in its own process (as the page does), shows progress on stderr and, with
-``--json``, prints the job and its result (before/after metrics, store entry) on stdout.
-``--data`` also takes a shipped sample name (sentiment, instructions, stories).
+``--json``, prints the job and its result (before/after metrics, store entry, provenance) on
+stdout. ``--data`` also takes a shipped sample name (sentiment, instructions, stories).
+``--status JOB_ID`` shows one job (its one-line error when it failed); the global
+``workbench --allow-pickle finetune ...`` lets a base folder with pickled weights load.
 """
 
 from __future__ import annotations
@@ -38,6 +40,33 @@ def _printer():
     return show
 
 
+def _job_json(jobs: JobStore, info) -> dict:
+    """The job row, its folder and its result (``FinetuneResult.to_dict()``, or None)."""
+    data = {k: v for k, v in asdict(info).items() if k != "folder"}
+    result = jobs.result(info.id)
+    return {**data, "folder": str(info.folder), "result": result.to_dict() if result else None}
+
+
+def _report(jobs: JobStore, info, as_json: bool) -> int:
+    """Print how a job stands (before/after metrics once completed, else its one-line reason);
+    exit status 0 only for a completed job."""
+    result = jobs.result(info.id)
+    if as_json:
+        print_json(_job_json(jobs, info))
+    elif info.status == "completed" and result:
+        for row in result.comparison():
+            before = row["before"] if row["before"] is not None else float("nan")
+            print(f"{row['metric']:12} before {before:.4f}  after {row['after']:.4f}")
+        where = f"saved as {result.model!r}" if result.model else "adapter saved (not merged)"
+        print(f"job {info.id} completed: {where}")
+    elif info.active:
+        steps = f" step {info.step}/{info.total_steps}" if info.total_steps else ""
+        print(f"job {info.id} {info.status}:{steps} {info.message}".rstrip(), file=sys.stderr)
+    else:
+        print(f"job {info.id} {info.status}: {info.error or ''}".rstrip(": "), file=sys.stderr)
+    return 0 if info.status == "completed" else 1
+
+
 def _follow(jobs: JobStore, job_id: str, as_json: bool) -> int:
     try:
         info = jobs.wait(job_id, on_update=_printer())
@@ -45,30 +74,19 @@ def _follow(jobs: JobStore, job_id: str, as_json: bool) -> int:
         print("cancelling (a checkpoint is kept; resume with --resume)…", file=sys.stderr)
         jobs.cancel(job_id)
         info = jobs.wait(job_id, timeout_s=120)
-    result = jobs.result(job_id)
-    if as_json:
-        data = {k: v for k, v in asdict(info).items() if k != "folder"}
-        print_json({**data, "folder": str(info.folder), "result": result})
-    elif info.status == "completed" and result:
-        after, before = result["metrics_after"], result["metrics_before"]
-        keys = [k for k in ("accuracy", "f1", "eval_loss", "perplexity") if k in after]
-        for k in keys:
-            print(f"{k:12} before {before.get(k, float('nan')):.4f}  after {after[k]:.4f}")
-        where = f"saved as {result['model']!r}" if result["model"] else "adapter saved (not merged)"
-        print(f"job {job_id} completed: {where}")
-    else:
-        print(f"job {job_id} {info.status}: {info.error or ''}".rstrip(": "), file=sys.stderr)
-    return 0 if info.status == "completed" else 1
+    return _report(jobs, info, as_json)
 
 
 def finetune(args, _extra) -> int:
     jobs = JobStore()
+    if args.status:
+        return _report(jobs, jobs.get(args.status), args.json)
     if args.merge:
         result = jobs.merge(args.merge)
         if args.json:
-            print_json(result)
+            print_json(result.to_dict())
         else:
-            print(f"job {args.merge}: merged and saved as {result['model']!r}")
+            print(f"job {args.merge}: merged and saved as {result.model!r}")
         return 0
     if args.resume:
         info = jobs.resume(args.resume)
@@ -101,6 +119,7 @@ def finetune(args, _extra) -> int:
         ),
         train=train,
         processes=args.processes,
+        allow_pickle=bool(getattr(args, "allow_pickle", False)),  # workbench --allow-pickle
     )
     info = jobs.submit(spec)
     print(f"job {info.id} started (folder {info.folder})", file=sys.stderr)
@@ -133,6 +152,7 @@ def register(sub) -> None:
     p.add_argument("--processes", type=int, default=1, help="> 1 runs under torchrun (DDP)")
     p.add_argument("--resume", metavar="JOB_ID", help="resume an interrupted/cancelled job")
     p.add_argument("--merge", metavar="JOB_ID", help="merge a --no-merge job's adapter, store it")
+    p.add_argument("--status", metavar="JOB_ID", help="show a job (and why it failed)")
     p.add_argument("--no-wait", action="store_true", help="start the job and return")
     p.add_argument("--json", action="store_true", help="job, metrics and store entry as JSON")
     p.set_defaults(func=finetune)
