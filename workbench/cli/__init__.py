@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "finetune",
     "classify",
     "history",
+    "rerun",
 )
 
 
