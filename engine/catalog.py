@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from engine.errors import MissingPackageError, ModelNotFoundError
+from engine.names import is_store_name
 
 Source = Literal["embedded", "store", "local", "hub"]
 Kind = Literal["causal-lm", "encoder", "classifier", "seq2seq"]
@@ -71,7 +72,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     )
 }
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,13 @@ class ModelRef:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``org/name`` with hub-legal characters and no leading path markers."""
-    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+    """``org/name`` with hub-legal characters, no leading path markers and no ``..``."""
+    return (
+        bool(_HUB_ID.fullmatch(name))
+        and not name.startswith((".", "/", "~"))
+        and ".." not in name
+        and not name.endswith(".")
+    )
 
 
 def resolve(name: str, store_names: set[str]) -> ModelRef:
@@ -95,16 +101,20 @@ def resolve(name: str, store_names: set[str]) -> ModelRef:
         raise ModelNotFoundError("No model name given: pick one with `workbench models list`.")
     if name in EMBEDDED:
         return ModelRef(name, "embedded", name)
-    if name in store_names:
+    if name in store_names and is_store_name(name):
         return ModelRef(name, "store", name)
     path = Path(os.path.expanduser(name))
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):  # too long, NUL byte: not a folder
+        is_dir = False
+    if is_dir:
         return ModelRef(name, "local", str(path.resolve()))
     if looks_like_hub_id(name):
         return ModelRef(name, "hub", name)
-    known = sorted(set(EMBEDDED) | store_names)
+    known = sorted(set(EMBEDDED) | {n for n in store_names if is_store_name(n)})
     raise ModelNotFoundError(
-        f"Unknown model {name!r}: use one of {', '.join(known)}, a local folder, or a hub id "
+        f"Unknown model {name[:80]!r}: use one of {', '.join(known)}, a local folder, or a hub id "
         "such as HuggingFaceTB/SmolLM2-135M."
     )
 

@@ -185,14 +185,13 @@ def load_weights(
     if ref.source == "embedded":
         entry = materialize_embedded(ref.location, store, progress)
         folder, source = entry.path, entry.manifest.source
-        fp = entry.manifest.fingerprint
+        # Never report a fingerprint that was not checked: hash the weights (cached by file
+        # identity, so a warm load costs a few stat calls); tampered weights raise StoreError.
+        fp = store.checked_fingerprint(ref.location)
     elif ref.source == "store":
         entry = store.get(ref.location)
-        folder, source, fp = (
-            entry.path,
-            f"store:{entry.manifest.source}",
-            entry.manifest.fingerprint,
-        )
+        folder, source = entry.path, f"store:{entry.manifest.source}"
+        fp = store.checked_fingerprint(ref.location)
     elif ref.source == "local":
         folder = Path(ref.location)
         check_local_weights(folder, options)

@@ -15,6 +15,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from engine.files import atomic_write_text
+
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -66,9 +68,10 @@ class Result:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON atomically (old file or new one, never half); ``DiskError`` if the
+        file system refuses."""
         path = Path(path)
-        path.write_text(self.to_json())
-        return path
+        return atomic_write_text(path, self.to_json(), f"the result {path.name}")
 
     @classmethod
     def from_dict(cls, data: dict) -> Self:

@@ -1,8 +1,13 @@
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from engine.errors import InputError, StoreError
+from engine.locks import owner_tag
 from engine.store import ModelStore, fingerprint
 
 
@@ -54,10 +59,23 @@ def test_pickled_weights_are_refused(tmp_path):
     assert store.names() == set()
 
 
-def test_leftovers_from_a_killed_process_are_cleaned(tmp_path):
+def test_leftovers_from_a_dead_process_are_cleaned(tmp_path):
     store = ModelStore(tmp_path)
-    (store.root / ".tmp-ghost-123").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (store.root / f".tmp-ghost-{dead.pid}-12345-0123abcd").mkdir()
+    mine = store.root / f".tmp-mine-{owner_tag()}-0123abcd"  # this process: alive
+    mine.mkdir()
+    legacy = store.root / ".tmp-ghost-123"  # no owner recorded: removed only when old
+    legacy.mkdir()
     assert store.clean_leftovers() == 1
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == sorted(
+        [mine.name, legacy.name]
+    )
+    hours_ago = time.time() - 2 * 3600
+    os.utime(legacy, (hours_ago, hours_ago))
+    assert store.clean_leftovers() == 1
+    assert not legacy.exists() and mine.exists()
     assert store.names() == set()
 
 

@@ -7,17 +7,17 @@ new ones added; user presets are saved as JSON in ``$WORKBENCH_HOME/presets.json
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import InputError, StoreError
+from engine.files import atomic_write_json, disk_error
+from engine.locks import PathLock, path_lock
 
 PLACEHOLDER = "{input}"
 FILE_NAME = "presets.json"
-_NAME = re.compile(r"^[\w][\w .()-]{0,47}$")
+_NAME = re.compile(r"[\w][\w .()-]{0,47}")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Preset:
     builtin: bool = False
 
     def validated(self) -> Preset:
-        if not _NAME.match(self.name or ""):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise InputError(
                 f"Preset name {self.name!r} is not valid: use 1-48 letters, digits, spaces, "
                 "dots, dashes or brackets."
@@ -103,18 +103,24 @@ def _read_user(home: Path) -> list[Preset]:
             )
             for d in data.get("presets", [])
         ]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise StoreError(f"{path} is not a valid presets file ({exc}): fix or delete it.") from exc
 
 
 def _write_user(home: Path, presets: list[Preset]) -> None:
-    path = _path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace the presets file atomically (readers never see half a file)."""
     data = {"presets": [{k: v for k, v in asdict(p).items() if k != "builtin"} for p in presets]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".presets-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: readers never see half a file
+    atomic_write_json(_path(home), data, "the presets file")
+
+
+def _locked(home: Path) -> PathLock:
+    """The lock every read-modify-write of the presets file holds (threads and processes)."""
+    home = Path(home)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_error(exc, "the presets file") from exc
+    return path_lock(home / f".{FILE_NAME}.lock")
 
 
 def list_presets(home: Path) -> list[Preset]:
@@ -133,22 +139,32 @@ def get_preset(home: Path, name: str) -> Preset:
 
 
 def save_preset(home: Path, preset: Preset) -> Preset:
-    """Save (or replace) a user preset; returns it."""
-    preset = Preset(
-        preset.name.strip(),
-        preset.template,
-        preset.mode,
-        int(preset.max_new_tokens),
-        tuple(preset.stop_sequences),
-    ).validated()
-    user = [p for p in _read_user(home) if p.name != preset.name]
-    _write_user(home, [*user, preset])
+    """Save (or replace) a user preset; returns it. Safe from several threads and processes:
+    the read-modify-write of the file holds its lock, so concurrent saves lose nothing."""
+    try:
+        preset = Preset(
+            preset.name.strip() if isinstance(preset.name, str) else preset.name,
+            preset.template if isinstance(preset.template, str) else "",
+            preset.mode,
+            int(preset.max_new_tokens),
+            tuple(preset.stop_sequences),
+        ).validated()
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"Preset settings are not valid ({exc}).") from exc
+    with _locked(home):
+        user = [p for p in _read_user(home) if p.name != preset.name]
+        _write_user(home, [*user, preset])
     return preset
 
 
 def delete_preset(home: Path, name: str) -> None:
     """Delete a saved preset (a built-in one it overrode comes back)."""
-    user = _read_user(home)
-    if name not in {p.name for p in user}:
-        raise InputError(f"{name!r} is not a saved preset (built-in presets cannot be deleted).")
-    _write_user(home, [p for p in user if p.name != name])
+    with _locked(home):
+        user = _read_user(home)
+        if name not in {p.name for p in user}:
+            raise InputError(
+                f"{name!r} is not a saved preset (built-in presets cannot be deleted)."
+            )
+        _write_user(home, [p for p in user if p.name != name])

@@ -4,28 +4,59 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from engine.names import is_store_name, validate_name
 from workbench.cli.common import open_workbench, print_json
 
 
+def _rows(workbench) -> list[dict]:
+    """Catalog entries plus damaged store entries (``damaged``: the one-line reason, or None).
+
+    A damaged entry never hides the others: the listing goes on and says what to do.
+    """
+    rows = [{**asdict(e), "damaged": None} for e in workbench.catalog()]
+    by_name = {r["name"]: r for r in rows}
+    for bad in workbench.store.damaged():
+        if bad.name in by_name:  # an embedded alias whose converted copy is damaged
+            by_name[bad.name]["damaged"] = bad.reason
+            continue
+        rows.append(
+            {
+                "name": bad.name,
+                "source": "store",
+                "kind": "unknown",
+                "description": "damaged",
+                "installed": False,
+                "in_store": True,
+                "loaded": False,
+                "damaged": bad.reason,
+            }
+        )
+    return rows
+
+
 def list_models(args, _extra) -> int:
-    entries = open_workbench().catalog()
+    rows = _rows(open_workbench())
     if args.json:
-        print_json([asdict(e) for e in entries])
+        print_json(rows)
         return 0
     print(f"{'NAME':24} {'SOURCE':9} {'KIND':11} {'READY':6} DESCRIPTION")
-    for e in entries:
-        ready = "yes" if e.installed else "no"
-        print(f"{e.name:24} {e.source:9} {e.kind:11} {ready:6} {e.description}")
+    for r in rows:
+        name = r["name"] if is_store_name(r["name"]) else repr(r["name"])
+        ready = "yes" if r["installed"] and not r["damaged"] else "no"
+        note = f"DAMAGED: {r['damaged']}" if r["damaged"] else r["description"]
+        print(f"{name:24} {r['source']:9} {r['kind']:11} {ready:6} {note}")
     return 0
 
 
 def verify(args, _extra) -> int:
+    validate_name(args.name)
     ok = open_workbench().store.verify(args.name)
     print(f"{args.name}: fingerprint {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
 def remove(args, _extra) -> int:
+    validate_name(args.name)
     open_workbench().store.remove(args.name)
     print(f"removed {args.name}")
     return 0
