@@ -1,28 +1,31 @@
-"""Explain: which input tokens made the model say this (captum attribution methods)."""
+"""Explain: which input tokens made the model say this (captum attribution methods).
 
-import json
+The page only builds an ``ExplanationSpec``, starts it as an engine run and draws the run's
+snapshots and its ``ExplanationSet``; the result objects draw their own charts and reports.
+"""
 
-import altair as alt
-import pandas as pd
 import streamlit as st
 
 from engine.attribution import (
-    ExplainJob,
+    ExplanationSpec,
     MethodRun,
     TargetSpec,
-    agreement,
     available_methods,
     estimate,
-    html_report,
+    estimate_frame,
+    get_method,
     label_names,
+    start_explanation,
 )
-from engine.attribution.report import coloured_text
-from engine.errors import MemoryBudgetError
+from engine.errors import EngineError, MemoryBudgetError
 from workbench import ui
 
-JOB_KEY = "explain_job"
-RESULTS_KEY = "explain_results"
-ERROR_KEY = "explain_error"
+RUN_KEY = "explain_active_run"  # the engine Run in progress
+RESULT_KEY = "explain_result"  # the last ExplanationSet
+ERROR_KEY = "explain_error"  # the last run's one-line error: stays until a run replaces it
+ESTIMATES_KEY = "explain_estimates"  # pre-flight estimates per (model, spec)
+IDLE_TIMEOUT_S = 60.0  # a run nobody polls (a closed tab) cancels itself
+POLL_S = 1.0
 
 KINDS = ("classifier", "causal-lm")
 
@@ -156,12 +159,12 @@ picked = st.multiselect(
     help="Only methods compatible with this model are listed.",
 )
 
-runs: list[MethodRun] = []
+method_runs: list[MethodRun] = []
 for name in picked:
     method = methods[name]
     with st.expander(f"{method.title} options", expanded=len(picked) == 1):
         st.caption(method.summary)
-        runs.append(MethodRun(name, option_controls(name, method)))
+        method_runs.append(MethodRun(name, option_controls(name, method)))
 
 col_a, col_b, col_c = st.columns(3)
 per_token = col_a.checkbox(
@@ -179,47 +182,56 @@ with_faith = col_b.checkbox(
 )
 seed = int(col_c.number_input("Seed", 0, 2**31 - 1, 0, key="explain_seed"))
 
-job: ExplainJob | None = st.session_state.get(JOB_KEY)
-running = job is not None and not job.done
+spec = ExplanationSpec(
+    text=text,
+    target=TargetSpec(text=target, label=label, contrast=contrast),
+    methods=tuple(method_runs),
+    per_token=per_token,
+    faithfulness=with_faith,
+    seed=seed,
+)
+run = st.session_state.get(RUN_KEY)
+running = run is not None and not run.done
 
-# --- pre-flight estimate (skipped while a run holds the model) ------------------------------
-if picked and not running:
-    spec = TargetSpec(text=target, label=label, contrast=contrast)
-    rows = []
-    with ui.guard():
+
+def preflight(model, spec: ExplanationSpec) -> list:
+    """Estimates of every method, cached per model and spec: a rerun (a slider moved) computes
+    nothing. Tokenization only; the one-off timing benchmark runs only when the model is free
+    (otherwise the arithmetic estimate is shown and not cached, so a later rerun measures)."""
+    cache: dict = st.session_state.setdefault(ESTIMATES_KEY, {})
+    key = (model.name, model.loaded.fingerprint, spec)
+    if key in cache:
+        return cache[key]
+    with st.spinner("Estimating (the first time, a short timing benchmark of this model)…"):
         plans = [
             estimate(
                 model.loaded,
-                text,
-                spec,
-                run.method,
-                run.options,
-                per_token=per_token,
-                faithfulness=with_faith,
+                spec.text,
+                spec.target,
+                r.method,
+                r.options_dict(),
+                per_token=spec.per_token,
+                faithfulness=spec.faithfulness,
+                wait=False,
             )
-            for run in runs
+            for r in spec.methods
         ]
-    for run, e in zip(runs, plans, strict=True):
-        rows.append(
-            {
-                "method": methods[run.method].title,
-                "forward rows": e.rows,
-                "+ faithfulness rows": e.extra_rows,
-                "tokens": e.tokens,
-                "batch": e.batch_size,
-                "estimated time": f"{e.seconds:.1f} s",
-                "memory": ui.human_bytes(e.peak_bytes),
-                "fits": "yes" if e.fits else "NO",
-                "worst case (step refinement)": (
-                    f"{e.worst_seconds:.1f} s, {e.worst_rows} rows ({e.attempts} runs)"
-                    if e.attempts > 1
-                    else "-"
-                ),
-            }
-        )
+    if all(p.calibrated for p in plans):
+        if len(cache) >= 16:
+            cache.pop(next(iter(cache)))
+        cache[key] = plans
+    return plans
+
+
+# --- pre-flight estimate ----------------------------------------------------------------------
+if picked:
+    with ui.guard():
+        plans = preflight(model, spec)
     st.caption(
-        "Pre-flight estimate: forward rows × tokens; the batch (rows per forward pass) is "
-        "chosen to fit memory."
+        "Pre-flight estimate: forward rows × tokens at this model's measured speed on this "
+        "machine (a range: the machine is shared); the batch (rows per forward pass) is chosen "
+        "to fit memory."
+        + ("" if all(e.calibrated for e in plans) else " ~: not measured yet (model busy).")
     )
     refining = [e for e in plans if e.attempts > 1]
     if refining:
@@ -229,7 +241,11 @@ if picked and not running:
             f"completeness error is above 1%: up to {worst:.1f}× the forward rows and time "
             "(worst case column) when it never converges."
         )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.dataframe(
+        estimate_frame(plans, [methods[r.method].title for r in spec.methods]),
+        hide_index=True,
+        width="stretch",
+    )
     with ui.guard():
         for e in plans:
             if not e.fits:
@@ -239,62 +255,78 @@ if picked and not running:
                     "text."
                 )
 
-start = st.button("Run", type="primary", disabled=running or not picked, key="explain_run")
-if start:
-    job = ExplainJob(
-        model=model,
-        text=text,
-        target=target,
-        label=label,
-        contrast=contrast,
-        runs=runs,
-        per_token=per_token,
-        faithfulness=with_faith,
-        seed=seed,
-    ).start()
-    st.session_state[JOB_KEY] = job
-    st.session_state.pop(ERROR_KEY, None)
+if st.button("Run", type="primary", disabled=running or not picked, key="explain_run"):
+    with ui.guard():
+        run = start_explanation(model, spec, idle_timeout_s=IDLE_TIMEOUT_S)
+    st.session_state[RUN_KEY] = run
     running = True
 
 
-def _collect(finished: ExplainJob) -> None:
-    st.session_state.pop(JOB_KEY, None)
-    if finished.error:
-        st.session_state[ERROR_KEY] = finished.error
-    else:
-        st.session_state[RESULTS_KEY] = finished.results
+def collect(snapshot) -> None:
+    """A finished run replaces the last result (done) or the last error (failed, cancelled)."""
+    st.session_state.pop(RUN_KEY, None)
+    if snapshot.state == "done":
+        st.session_state[RESULT_KEY] = snapshot.result
         st.session_state.pop(ERROR_KEY, None)
+    else:
+        st.session_state[ERROR_KEY] = snapshot.error or "The explanation stopped."
 
 
-@st.fragment(run_every=0.5)
-def job_progress() -> None:
-    current: ExplainJob | None = st.session_state.get(JOB_KEY)
+@st.fragment(run_every=POLL_S)
+def run_progress() -> None:
+    current = st.session_state.get(RUN_KEY)
     if current is None:
         return
-    if current.done:
-        _collect(current)
+    snapshot = current.snapshot()
+    if snapshot.finished:
+        collect(snapshot)
         st.rerun(scope="app")
-    st.progress(min(current.fraction, 1.0), text=f"{current.message} · {current.elapsed:.0f} s")
+    if snapshot.waiting:
+        st.info(snapshot.message, icon="⏳")
+    st.progress(snapshot.fraction, text=f"{snapshot.message} · {snapshot.seconds:.0f} s")
     if st.button("Cancel", key="explain_cancel"):
         current.cancel()
         st.info("Cancelling at the next forward pass…")
 
 
-if job is not None and job.done:  # finished between polls (or under AppTest)
-    _collect(job)
+if run is not None and run.done:  # finished between polls (or under AppTest)
+    collect(run.snapshot())
 elif running:
-    job_progress()
+    run_progress()
 
 if st.session_state.get(ERROR_KEY):
     st.warning(st.session_state[ERROR_KEY], icon="⚠️")
 
-results = [r for r in st.session_state.get(RESULTS_KEY) or [] if r.model == model.name]
-if not results:
+result = st.session_state.get(RESULT_KEY)
+if result is None or result.model != model.name or not result.attributions:
     st.stop()
+
+
+def same_input(asked: ExplanationSpec | None, now: ExplanationSpec) -> bool:
+    """Whether the result was computed for the inputs now on the page."""
+    if asked is None:
+        return False
+    try:
+        names = [get_method(r.method).name for r in now.methods]
+    except EngineError:
+        return False
+    return (asked.text, asked.target, [r.method for r in asked.methods]) == (
+        now.text,
+        now.target,
+        names,
+    )
+
 
 # --- views ---------------------------------------------------------------------------------
 st.divider()
 st.subheader("Results")
+if not same_input(result.spec, spec):
+    st.info(
+        "These results are for an earlier input (shown below), not the one above: press Run "
+        "to explain the current input.",
+        icon="ℹ️",
+    )
+st.text(f"Input: {result.text}")
 level = st.radio(
     "Group by",
     ["token", "word", "sentence"],
@@ -302,114 +334,54 @@ level = st.radio(
     key="explain_level",
     help="Sub-word scores are summed into words or sentences.",
 )
-tabs = st.tabs([r.method_title for r in results])
-for tab, result in zip(tabs, results, strict=True):
+tabs = st.tabs([r.method_title for r in result.attributions])
+for tab, attribution in zip(tabs, result.attributions, strict=True):
     with tab:
         cols = st.columns(3)
-        cols[0].metric("Target score f(input)", f"{result.target_score:.4f} nats")
-        cols[1].metric("Time", f"{result.seconds:.2f} s")
-        cols[2].metric("Forward rows", result.forward_rows)
-        st.markdown(f"**Target:** {result.target_description}")
-        if result.target.get("anchor_first"):
+        cols[0].metric("Target score f(input)", f"{attribution.target_score:.4f} nats")
+        cols[1].metric("Time", f"{attribution.seconds:.2f} s")
+        cols[2].metric("Forward rows", attribution.forward_rows)
+        st.text(f"Target: {attribution.target_description}")
+        if attribution.target.get("anchor_first"):
             st.caption(
                 "The first token is held fixed (score 0): the tokenizer adds no BOS token, and "
                 "moving the first position (the model's attention sink) breaks Integrated "
                 "Gradients' convergence."
             )
-        statement = result.delta_statement()
+        statement = attribution.delta_statement()
         if statement:
-            (st.success if result.delta_ok else st.warning)(statement)
-        st.html(f'<div style="line-height:2;font-size:1.1em">{coloured_text(result)}</div>')
-        labels, values = result.groups(level)
-        frame = pd.DataFrame({level: labels, "score": values, "order": range(len(labels))})
-        top = frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(15)
-        chart = (
-            alt.Chart(top)
-            .mark_bar()
-            .encode(
-                x=alt.X("score:Q", title="attribution"),
-                y=alt.Y(f"{level}:N", sort=alt.SortField("score", order="descending"), title=None),
-                color=alt.condition("datum.score >= 0", alt.value("#16a34a"), alt.value("#dc2626")),
-                tooltip=[level, "score"],
-            )
-        )
-        st.altair_chart(chart, width="stretch")
-        if result.token_matrix is not None:
+            (st.success if attribution.delta_ok else st.warning)(statement)
+        st.html(attribution.html())
+        st.altair_chart(attribution.bar_chart(level), width="stretch")
+        matrix = attribution.matrix_chart()
+        if matrix is not None:
             st.markdown("**Per-output-token attribution** (rows: target tokens)")
-            keep = [i for i, f in enumerate(result.free) if f]
-            matrix = pd.DataFrame(
-                [
-                    {
-                        "output": f"{j}:{out}",
-                        "input": f"{i}:{result.tokens[i]}",
-                        "score": float(result.token_matrix[j][i]),
-                    }
-                    for j, out in enumerate(result.output_tokens)
-                    for i in keep
-                ]
-            )
-            heat = (
-                alt.Chart(matrix)
-                .mark_rect()
-                .encode(
-                    x=alt.X("input:N", sort=None),
-                    y=alt.Y("output:N", sort=None),
-                    color=alt.Color(
-                        "score:Q", scale=alt.Scale(scheme="redyellowgreen", domainMid=0)
-                    ),
-                    tooltip=["input", "output", "score"],
-                )
-            )
-            st.altair_chart(heat, width="stretch")
-        faith = result.faithfulness
+            st.altair_chart(matrix, width="stretch")
+        faith = attribution.faithfulness
         if faith is not None:
             st.markdown("**Faithfulness** (deletion / insertion of the top-ranked tokens)")
             m = st.columns(3)
             m[0].metric("Comprehensiveness (AOPC)", f"{faith.comprehensiveness:.4f}")
             m[1].metric("Random-order AOPC", f"{faith.random_comprehensiveness:.4f}")
             m[2].metric("Sufficiency", f"{faith.sufficiency:.4f}")
-            curves = pd.DataFrame(
-                {
-                    "fraction": list(faith.fractions) * 3,
-                    "score": [*faith.deletion, *faith.insertion, *faith.random_deletion],
-                    "curve": ["deletion"] * len(faith.fractions)
-                    + ["insertion"] * len(faith.fractions)
-                    + ["random deletion"] * len(faith.fractions),
-                }
-            )
-            st.altair_chart(
-                alt.Chart(curves)
-                .mark_line(point=True)
-                .encode(
-                    x=alt.X("fraction:Q", title="share of tokens removed / inserted"),
-                    y=alt.Y("score:Q", title="target score (nats)"),
-                    color="curve:N",
-                ),
-                width="stretch",
-            )
+            st.altair_chart(faith.chart(), width="stretch")
 
-if len(results) > 1:
+if result.agreement is not None:
     st.subheader("Method agreement")
-    with ui.guard():
-        table = agreement(results)
-    st.dataframe(table.to_frame(), hide_index=True, width="stretch")
+    st.dataframe(result.agreement_frame(), hide_index=True, width="stretch")
 
 st.subheader("Export")
-export = {
-    "results": [r.to_dict() for r in results],
-    "agreement": agreement(results).to_dict() if len(results) > 1 else None,
-}
 col_json, col_html = st.columns(2)
 col_json.download_button(
     "Download JSON",
-    json.dumps(export, indent=2),
+    result.to_json(),
     file_name="attribution.json",
     mime="application/json",
     key="explain_dl_json",
 )
 col_html.download_button(
     "Download HTML report",
-    html_report(list(results)),
+    result.html_report(),
     file_name="attribution.html",
     mime="text/html",
     key="explain_dl_html",

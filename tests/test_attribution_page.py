@@ -44,11 +44,14 @@ def app(tiny_models, tmp_path, monkeypatch):
     st.cache_resource.clear()
 
 
+RUN = "explain_active_run"
+
+
 def _run_to_completion(at: AppTest) -> AppTest:
     at.button(key="explain_run").click().run()
-    if "explain_job" in at.session_state:
-        job = at.session_state["explain_job"]
-        assert job.wait(120), "the attribution job did not finish"
+    if RUN in at.session_state:
+        run = at.session_state[RUN]
+        assert run.join(120), "the explanation run did not finish"
     at.run()
     return at
 
@@ -71,7 +74,8 @@ def test_full_run_classifier_with_two_methods(app, downloads):
     assert any("up to" in c.value and "step refinement" in c.value for c in at.caption)
     _run_to_completion(at)
     assert not at.exception, at.exception
-    results = at.session_state["explain_results"]
+    result_set = at.session_state["explain_result"]
+    results = result_set.attributions
     assert [r.method for r in results] == ["integrated_gradients", "feature_ablation"]
     # IG's completeness statement is shown next to the result
     statements = [m.value for m in (*at.success, *at.warning)]
@@ -82,7 +86,8 @@ def test_full_run_classifier_with_two_methods(app, downloads):
     # agreement table and export
     assert any("Method agreement" in h.value for h in at.subheader)
     exported = json.loads(downloads["attribution.json"])
-    first = exported["results"][0]
+    assert exported["type"] == "ExplanationSet"
+    first = exported["attributions"][0]
     assert first["method"] == "integrated_gradients"
     assert len(first["scores"]) == len(results[0].tokens)
     assert first["provenance"]["fingerprint"] and "captum" in first["provenance"]["versions"]
@@ -106,7 +111,7 @@ def test_causal_lm_run_and_bad_input(app):
     at.run()
     _run_to_completion(at)
     assert not at.exception, at.exception
-    (result,) = at.session_state["explain_results"]
+    (result,) = at.session_state["explain_result"].attributions
     assert result.token_matrix is not None and result.token_matrix.shape[0] == 2
     # a target longer than allowed is a one-line error, not a traceback
     at.text_input(key="explain_target").set_value(" paris" * 40)
@@ -143,7 +148,7 @@ def test_fine_tuned_classifier_from_the_store_is_selectable(app, tiny_models, tm
     at.selectbox(key="explain_label").set_value("positive").run()
     _run_to_completion(at)
     assert not at.exception, at.exception
-    (result,) = at.session_state["explain_results"]
+    (result,) = at.session_state["explain_result"].attributions
     assert result.model == "tiny-sentiment" and result.target["label"] == "positive"
     assert result.provenance.fingerprint.startswith("sha256:")
 
@@ -158,15 +163,18 @@ def test_cancel_stops_a_long_run(app):
     at.number_input(key="explain_opt_shapley_value_sampling_internal_batch_size").set_value(1)
     at.run()
     at.button(key="explain_run").click().run()
-    job = at.session_state["explain_job"]
-    assert not job.done
-    # the progress fragment (run inline while the job runs) offers Cancel
+    run = at.session_state[RUN]
+    assert not run.done
+    # the progress fragment (run inline while the run is going) offers Cancel
     at.button(key="explain_cancel").click().run()
-    assert job.wait(60) and job.cancelled
+    assert run.join(60) and run.snapshot().cancelled
     at.run()
     assert not at.exception
     assert any("cancelled" in w.value for w in at.warning)
-    assert "explain_job" not in at.session_state
+    assert RUN not in at.session_state
+    # the error stays with the page across reruns until a run replaces it
+    at.run()
+    assert any("cancelled" in w.value for w in at.warning)
 
 
 def test_a_run_that_would_not_fit_is_refused_before_starting(app, monkeypatch):

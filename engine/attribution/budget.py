@@ -1,8 +1,10 @@
 """Pre-flight arithmetic: forward rows x tokens -> seconds and bytes, and the batch size.
 
 A *row* is one sequence through the model (a forward pass, plus a backward pass for gradient
-methods). Memory per row follows the activations a transformer keeps; time per row follows the
-multiply-adds, at a throughput measured once per process with a small matrix product.
+methods). Memory per row follows the activations a transformer keeps. Time per row comes from
+the measured rates of ``calibration`` (this model, device, dtype and length bucket on this
+machine), as a low-high range; before they are measured it falls back to the multiply-adds at
+a matrix-product throughput, with a wide range (``calibrated`` False).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import time
 import psutil
 import torch
 
+from engine.attribution.calibration import Rates
 from engine.attribution.result import Estimate
 
 TOKENS_PER_BATCH_CPU = 4096  # larger batches stop paying off on CPU (cache-bound)
 MEMORY_SHARE = 0.5  # share of free memory a run may take
-# Model throughput as a share of the measured matmul rate (SmolLM2-135M on 2 CPU cores: about
-# 0.9-1.3 across methods; 0.8 keeps the estimate on the pessimistic side).
+# Model throughput as a share of the measured matmul rate: the fallback before calibration.
 EFFICIENCY = 0.8
+# Its range: a matrix product says little about a whole model under a shared machine's load.
+FALLBACK_LOW, FALLBACK_HIGH = 0.5, 6.0
 
 
 def _config(loaded):
@@ -72,6 +76,7 @@ def _flops_per_second(device: str) -> float:
 
 
 def row_seconds(loaded, tokens: int, outputs: int, gradient: bool) -> float:
+    """Arithmetic seconds of one row (multiply-adds at the matmul rate): the fallback."""
     c = _config(loaded)
     body = 2 * tokens * c["layers"] * (4 * c["hidden"] ** 2 + 3 * c["hidden"] * c["inter"])
     attention = 4 * c["layers"] * tokens**2 * c["hidden"]
@@ -80,6 +85,16 @@ def row_seconds(loaded, tokens: int, outputs: int, gradient: bool) -> float:
     # frozen during attribution), about two forwards.
     flops = (body + attention + head) * (2 if gradient else 1)
     return flops / (EFFICIENCY * _flops_per_second(str(loaded.device)))
+
+
+def seconds(
+    loaded, rows: int, tokens: int, outputs: int, gradient: bool, rates: Rates | None
+) -> tuple[float, float, float]:
+    """(low, expected, high) seconds of ``rows`` rows: measured rates, else the arithmetic."""
+    if rates is not None:
+        return rates.seconds(rows, tokens, gradient)
+    expected = rows * row_seconds(loaded, tokens, outputs, gradient)
+    return expected * FALLBACK_LOW, expected, expected * FALLBACK_HIGH
 
 
 def choose_batch(loaded, tokens: int, outputs: int, gradient: bool, rows: int, asked: int) -> int:
@@ -93,22 +108,36 @@ def choose_batch(loaded, tokens: int, outputs: int, gradient: bool, rows: int, a
 
 
 def estimate(
-    loaded, method: str, rows: int, tokens: int, outputs: int, gradient: bool, asked: int
+    loaded,
+    method: str,
+    rows: int,
+    tokens: int,
+    outputs: int,
+    gradient: bool,
+    asked: int,
+    rates: Rates | None = None,
 ) -> Estimate:
-    """Time and memory of ``rows`` rows of ``tokens`` tokens, at the batch size that fits."""
+    """Time and memory of ``rows`` rows of ``tokens`` tokens, at the batch size that fits.
+
+    ``rates``: measured seconds per row (``calibration``); None = the arithmetic fallback.
+    """
     batch = choose_batch(loaded, tokens, outputs, gradient, rows, asked)
     per_row = row_bytes(loaded, tokens, outputs, gradient)
     available = available_bytes(loaded)
-    seconds = rows * row_seconds(loaded, tokens, outputs, gradient)
+    low, expected, high = seconds(loaded, rows, tokens, outputs, gradient, rates)
     return Estimate(
         method=method,
         rows=rows,
         tokens=tokens,
         batch_size=batch,
-        seconds=seconds,
+        seconds=expected,
         peak_bytes=per_row * batch,
         available_bytes=available,
         fits=per_row <= available,
         worst_rows=rows,
-        worst_seconds=seconds,
+        worst_seconds=expected,
+        seconds_low=low,
+        seconds_high=high,
+        worst_seconds_high=high,
+        calibrated=rates is not None,
     )

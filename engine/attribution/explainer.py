@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attribution import budget
+from engine.attribution import budget, calibration
 from engine.attribution.faithfulness import curve_points
 from engine.attribution.faithfulness import faithfulness as measure_faithfulness
 from engine.attribution.registry import Method, Options, check_compatible, get_method
@@ -35,7 +35,7 @@ from engine.attribution.result import (
     sentence_ids,
     word_ids,
 )
-from engine.attribution.targets import Target, TargetSpec
+from engine.attribution.targets import Target, TargetSpec, Tokenized, tokenize
 from engine.errors import CancelledError, MemoryBudgetError
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
@@ -89,7 +89,7 @@ class RunContext:
 
 
 @contextlib.contextmanager
-def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Gradients flow to the input embeddings only: skipping the weights' gradients saves about
     a third of each backward pass. Restored afterwards (call inside ``loaded.use()``)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -108,15 +108,18 @@ def _resolve(method: str | type[Method], options: Options | dict | None):
     return cls, opts
 
 
-def _plan(loaded, target: Target, cls, opts, per_token: bool) -> Estimate:
-    k = int(target.free.sum())
-    rows = cls.forward_rows(k, opts)
-    if per_token and target.n_outputs > 1:
-        rows *= target.n_outputs
-    tokens = target.n_tokens + (max(len(t) for t in target.targets) if target.is_lm else 0)
-    outputs = target.n_outputs if target.is_lm else 0
+def _plan(loaded, shape: Tokenized, cls, opts, per_token: bool, timing: bool = False) -> Estimate:
+    """Rows, batch and memory of one run; with ``timing``, its seconds from the measured rates
+    (or the arithmetic fallback when none are measured yet)."""
+    rows = cls.forward_rows(shape.n_free, opts)
+    if per_token and shape.n_outputs > 1:
+        rows *= shape.n_outputs
+    tokens = shape.n_tokens + (shape.longest_target if shape.is_lm else 0)
+    outputs = shape.n_outputs if shape.is_lm else 0
     asked = int(getattr(opts, "internal_batch_size", 0) or 0)
-    return budget.estimate(loaded, cls.name, rows, tokens, outputs, cls.family == "gradient", asked)
+    gradient = cls.family == "gradient"
+    rates = calibration.cached(loaded, tokens) if timing else None
+    return budget.estimate(loaded, cls.name, rows, tokens, outputs, gradient, asked, rates)
 
 
 def estimate(
@@ -127,35 +130,48 @@ def estimate(
     options: Options | dict | None = None,
     per_token: bool = False,
     faithfulness: bool = False,
+    *,
+    wait: bool = True,
 ) -> Estimate:
-    """Pre-flight: forward rows, tokens, expected seconds and memory of ``explain``.
+    """Pre-flight: forward rows, tokens, expected seconds (a range) and memory of ``explain``.
+
+    Tokenizes only: no model lock, no forward pass, except the one-off timing benchmark of
+    this model and length bucket (``calibration.rates``, about a second under the model's
+    lock, then cached). ``wait=False`` skips the benchmark while another run holds the model:
+    the estimate is then the arithmetic one (``calibrated`` False), to be asked again later.
 
     ``rows`` counts the method's rows; with ``faithfulness`` the curves' forward-only rows
-    are added to ``seconds`` (and given as ``extra_rows``).
+    are added to the seconds (and given as ``extra_rows``).
     """
     cls, opts = _resolve(method, options)
     check_compatible(cls, loaded)
-    with loaded.use():
-        prepared = Target(loaded, text, target)
-        plans = [_plan(loaded, prepared, cls, o, per_token) for o in cls.attempts(opts)]
-        plan = dataclasses.replace(
-            plans[0],
-            attempts=len(plans),
-            worst_rows=sum(p.rows for p in plans),
-            worst_seconds=sum(p.seconds for p in plans),
-            peak_bytes=max(p.peak_bytes for p in plans),  # later runs may batch more rows
-        )
-        if not faithfulness:
-            return plan
-        extra = 3 * len(curve_points(int(prepared.free.sum())))
-        outputs = prepared.n_outputs if prepared.is_lm else 0
-        seconds = extra * budget.row_seconds(loaded, plan.tokens, outputs, False)
-        return dataclasses.replace(
-            plan,
-            seconds=plan.seconds + seconds,
-            worst_seconds=plan.worst_seconds + seconds,
-            extra_rows=extra,
-        )
+    shape = tokenize(loaded, text, target)
+    tokens = shape.n_tokens + (shape.longest_target if shape.is_lm else 0)
+    calibration.rates(loaded, tokens, wait=wait)
+    plans = [_plan(loaded, shape, cls, o, per_token, timing=True) for o in cls.attempts(opts)]
+    plan = dataclasses.replace(
+        plans[0],
+        attempts=len(plans),
+        worst_rows=sum(p.rows for p in plans),
+        worst_seconds=sum(p.seconds for p in plans),
+        worst_seconds_high=sum(p.seconds_high for p in plans),
+        peak_bytes=max(p.peak_bytes for p in plans),  # later runs may batch more rows
+    )
+    if not faithfulness:
+        return plan
+    extra = 3 * len(curve_points(shape.n_free))
+    outputs = shape.n_outputs if shape.is_lm else 0
+    rates = calibration.cached(loaded, tokens)
+    low, mid, high = budget.seconds(loaded, extra, tokens, outputs, False, rates)
+    return dataclasses.replace(
+        plan,
+        seconds=plan.seconds + mid,
+        seconds_low=plan.seconds_low + low,
+        seconds_high=plan.seconds_high + high,
+        worst_seconds=plan.worst_seconds + mid,
+        worst_seconds_high=plan.worst_seconds_high + high,
+        extra_rows=extra,
+    )
 
 
 def explain(
@@ -180,9 +196,10 @@ def explain(
     target = target or TargetSpec()
     cls, opts = _resolve(method, options)
     check_compatible(cls, loaded)
-    with loaded.use(), _frozen_parameters(loaded.model):
+    with loaded.use(), frozen_parameters(loaded.model):
         prepared = Target(loaded, text, target)
-        plan = _plan(loaded, prepared, cls, opts, per_token)
+        shape = prepared.tokenized
+        plan = _plan(loaded, shape, cls, opts, per_token)
         if not plan.fits:
             raise MemoryBudgetError(
                 f"One row of {plan.tokens} tokens needs about {plan.peak_bytes / 2**30:.1f} GiB "
@@ -237,7 +254,7 @@ def explain(
             batch_size = plan.batch_size
             if n:
                 meter.check()
-                again = _plan(loaded, prepared, cls, attempt, per_token)
+                again = _plan(loaded, shape, cls, attempt, per_token)
                 batch_size = again.batch_size
                 meter.total += again.rows
                 meter.prefix = (
@@ -257,6 +274,8 @@ def explain(
         if best is not None:
             _rel, steps_used, free_scores, delta, matrix = best
         seconds = time.perf_counter() - started
+        if cls.family != "attention":  # the next estimate learns from this run's speed
+            calibration.observe(loaded, plan.tokens, cls.family == "gradient", meter.done, seconds)
         free = prepared.free_mask()
         scores = np.zeros(prepared.n_tokens)
         scores[free] = free_scores

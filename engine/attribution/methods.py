@@ -8,6 +8,13 @@ k free input tokens and returns one score per free token:
 - perturbation methods replace whole tokens' embeddings by the baseline's (one feature per
   token), so their scores are changes of the target score in nats;
 - attention rollout ignores the target (a baseline to compare against).
+
+Random methods (GradientSHAP, Shapley Value Sampling, LIME, KernelSHAP) draw from private
+generators seeded with the run's seed (``_generators``): the process-wide torch and numpy
+generators are never seeded or drawn from, so two explanations running at once in two threads
+each give their single-thread result. The private draws are the same sequence captum would take
+from the global generators after ``torch.manual_seed(seed)`` / ``np.random.seed(seed)``, so a
+result equals a direct captum call seeded that way.
 """
 
 from __future__ import annotations
@@ -30,9 +37,15 @@ class MethodOutput:
     convergence_delta: float | None = None
 
 
-def _seed(ctx) -> None:
-    torch.manual_seed(ctx.seed)
-    np.random.seed(ctx.seed)
+def _generators(ctx, device: torch.device | str = "cpu"):
+    """Private generators for one run: (torch.Generator on ``device``, numpy RandomState).
+
+    Seeded like ``torch.manual_seed(seed)`` / ``np.random.seed(seed)`` would seed the global
+    ones, so the draws match captum's with globally seeded generators.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(ctx.seed))
+    return generator, np.random.RandomState(int(ctx.seed) % 2**32)
 
 
 def _token_mask(ctx) -> torch.Tensor:
@@ -189,16 +202,30 @@ class GradientShap(Method):
         return options.samples
 
     def run(self, ctx) -> MethodOutput:
-        from captum.attr import GradientShap as CaptumGS
+        """captum's GradientShap (NoiseTunnel over InputBaselineXGradient), on private generators.
 
-        _seed(ctx)
-        attr = CaptumGS(ctx.fn).attribute(
-            ctx.inputs,
-            baselines=ctx.baselines,
-            n_samples=ctx.options.samples,
-            stdevs=ctx.options.stdevs,
-        )
-        return MethodOutput(_per_token(attr))
+        For each of n samples: a noisy input x_i = x + N(0, stdev), a point
+        p_i = c_i x_i + (1 - c_i) b with c_i ~ U(0, 1), and (x_i - b) * grad f(p_i); the
+        attribution is their mean. The draws follow captum's order (torch: the noise; numpy: a
+        baseline index, then the coefficients), in batches of ``ctx.batch_size`` rows.
+        """
+        x, base = ctx.inputs.detach(), ctx.baselines.detach()  # (1, k, d)
+        n = ctx.options.samples
+        generator, numpy_rng = _generators(ctx, x.device)
+        stdev = torch.tensor(float(ctx.options.stdevs), device=x.device).repeat((n, *x.shape[1:]))
+        noisy = x.repeat_interleave(n, dim=0) + torch.normal(0, stdev, generator=generator)
+        numpy_rng.choice(base.shape[0], n)  # captum draws a baseline per sample (one here)
+        coefficient = torch.tensor(numpy_rng.uniform(0.0, 1.0, n), dtype=x.dtype).to(x.device)
+        total = torch.zeros_like(x[0])
+        step = max(int(ctx.batch_size), 1)
+        for start in range(0, n, step):
+            xi = noisy[start : start + step]
+            c = coefficient[start : start + step].view(-1, *([1] * (x.dim() - 1)))
+            points = (c * xi + (1.0 - c) * base).requires_grad_()
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(ctx.fn(points).sum(), points)
+            total += ((xi - base) * grad).detach().sum(0)
+        return MethodOutput(_per_token((total / n).unsqueeze(0)))
 
 
 def _deeplift_blockers(model: torch.nn.Module) -> list[str]:
@@ -370,8 +397,16 @@ class ShapleyValueSampling(Method):
     def run(self, ctx) -> MethodOutput:
         from captum.attr import ShapleyValueSampling as CaptumSVS
 
-        _seed(ctx)
-        attr = CaptumSVS(ctx.fn).attribute(
+        generator, _ = _generators(ctx)
+
+        def permutations(num_features: int, num_samples: int):
+            # captum's _perm_generator, on the run's private generator
+            for _ in range(num_samples):
+                yield torch.randperm(num_features, generator=generator).tolist()
+
+        explainer = CaptumSVS(ctx.fn)
+        explainer.permutation_generator = permutations
+        attr = explainer.attribute(
             ctx.inputs,
             baselines=ctx.baselines,
             feature_mask=_token_mask(ctx),
@@ -390,12 +425,13 @@ class _SurrogateMethod(Method):
     def forward_rows(cls, n_features: int, options) -> int:
         return options.samples
 
-    def explainer(self, ctx):
+    def explainer(self, ctx, generator: torch.Generator):
+        """The captum explainer, drawing its samples from ``generator``."""
         raise NotImplementedError
 
     def run(self, ctx) -> MethodOutput:
-        _seed(ctx)
-        attr = self.explainer(ctx).attribute(
+        generator, _ = _generators(ctx)
+        attr = self.explainer(ctx, generator).attribute(
             ctx.inputs,
             baselines=ctx.baselines,
             feature_mask=_token_mask(ctx),
@@ -426,12 +462,22 @@ class Lime(_SurrogateMethod):
         baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
         internal_batch_size: int = option(0, **_BATCH)
 
-    def explainer(self, ctx):
+    def explainer(self, ctx, generator: torch.Generator):
         from captum.attr import Lime as CaptumLime
 
         from engine.attribution.surrogate import WeightedLasso
 
-        return CaptumLime(ctx.fn, interpretable_model=WeightedLasso(ctx.options.alpha))
+        def perturb(original_inp, **kwargs) -> torch.Tensor:
+            # captum's default_perturb_func (each token kept with probability 1/2), private
+            device = (
+                original_inp.device if torch.is_tensor(original_inp) else original_inp[0].device
+            )
+            probs = torch.ones(1, int(kwargs["num_interp_features"])) * 0.5
+            return torch.bernoulli(probs, generator=generator).to(device=device).long()
+
+        return CaptumLime(
+            ctx.fn, interpretable_model=WeightedLasso(ctx.options.alpha), perturb_func=perturb
+        )
 
 
 @register
@@ -449,13 +495,32 @@ class KernelShap(_SurrogateMethod):
         baseline: Literal["pad", "zero", "mask"] = option("pad", **_BASELINE_OPTION)
         internal_batch_size: int = option(0, **_BATCH)
 
-    def explainer(self, ctx):
+    def explainer(self, ctx, generator: torch.Generator):
         from captum.attr import KernelShap as CaptumKernelShap
 
         from engine.attribution.surrogate import WeightedLinearRegression
 
+        def perturb(original_inp, **kwargs):
+            # captum's kernel_shap_perturb_generator, on the private generator: the all-on and
+            # all-off vectors, then k ones (k from the Shapley kernel) at random positions
+            device = (
+                original_inp.device if torch.is_tensor(original_inp) else original_inp[0].device
+            )
+            m = int(kwargs["num_interp_features"])
+            probs = kwargs["num_select_distribution"].probs
+            probs = probs.reshape(-1, probs.shape[-1])  # (1, m): p(k ones), k = 0..m-1
+            yield torch.ones(1, m, device=device, dtype=torch.long)
+            yield torch.zeros(1, m, device=device, dtype=torch.long)
+            while True:
+                # Categorical.sample() is torch.multinomial(probs, 1, True).T
+                selected = torch.multinomial(probs, 1, True, generator=generator).T.reshape(())
+                values = torch.randn(1, m, generator=generator)
+                threshold = torch.kthvalue(values, m - selected).values.item()
+                yield (values > threshold).to(device=device).long()
+
         explainer = CaptumKernelShap(ctx.fn)
         explainer.interpretable_model = WeightedLinearRegression()  # no scikit-learn needed
+        explainer.perturb_func = perturb
         return explainer
 
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+
 from engine.errors import InputError
 
 BASELINES = ("pad", "zero", "mask")
@@ -23,14 +25,49 @@ def option(default: Any, label: str, help: str, **limits: Any) -> Any:
     return field(default=default, metadata={"label": label, "help": help, **limits})
 
 
+def _type_name(hint: Any, meta: dict) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    return {int: "a whole number", float: "a number", bool: "true or false"}.get(hint, "text")
+
+
+def _check_type(name: str, value: Any, hint: Any, meta: dict) -> None:
+    """``InputError`` when ``value`` is not of the option's type (bools are not numbers)."""
+    if "choices" in meta or hint not in (int, float, bool):
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        raise InputError(
+            f"Option {name} must be {_type_name(hint, meta)} ({hint.__name__}), "
+            f"not {type(value).__name__} {value!r}."
+        )
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """numpy scalars to Python ones, and whole numbers to float for float options."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Options:
     """Base of every method's options. ``validated()`` checks ranges and choices."""
 
     def validated(self) -> Options:
+        """Check every value's type, range and choices; an ``InputError`` names the option."""
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             meta = f.metadata
+            _check_type(f.name, value, hints.get(f.name), meta)
             if "choices" in meta and value not in meta["choices"]:
                 raise InputError(
                     f"{f.name} must be one of {', '.join(map(str, meta['choices']))} "
@@ -102,15 +139,27 @@ class Method:
 
     @classmethod
     def make_options(cls, values: dict | None = None) -> Options:
-        """Options from a dict of overrides (unknown keys are an ``InputError``)."""
+        """Options from a dict of overrides.
+
+        Unknown names and values of the wrong type (``{"steps": "50"}``, a bool for a number)
+        are an ``InputError`` naming the option and what it expects.
+        """
         values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls.Options)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
+            hints = typing.get_type_hints(cls.Options)
+            expected = ", ".join(
+                f"{n} ({_type_name(hints[n], fields[n].metadata)})" for n in sorted(fields)
+            )
             raise InputError(
                 f"{cls.name} has no option {', '.join(unknown)}; its options are: "
-                f"{', '.join(sorted(known)) or 'none'}."
+                f"{expected or 'none'}."
             )
+        hints = typing.get_type_hints(cls.Options)
+        values = {k: _coerce(v, hints[k]) for k, v in values.items()}
+        for name, value in values.items():
+            _check_type(name, value, hints[name], fields[name].metadata)
         return cls.Options(**values).validated()
 
     @classmethod

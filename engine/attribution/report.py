@@ -109,10 +109,12 @@ def _section(result) -> str:
     return "\n".join(out)
 
 
-def _agreement_table(results) -> str:
-    table = agreement(results)
+def _agreement_table(results, table=None) -> str:
+    table = table or agreement(results)
+    esc = html.escape
     rows = "".join(
-        f"<tr><td>{r.method_a}</td><td>{r.method_b}</td><td class=num>{r.spearman:.3f}</td>"
+        f"<tr><td>{esc(r.method_a)}</td><td>{esc(r.method_b)}</td>"
+        f"<td class=num>{r.spearman:.3f}</td>"
         f"<td class=num>{r.kendall:.3f}</td><td class=num>{r.top_k_overlap:.2f}</td></tr>"
         for r in table.rows
     )
@@ -134,7 +136,12 @@ pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:.8em}
 
 
 def html_report(results) -> str:
-    """One HTML document for one or several attributions of the same input."""
+    """One HTML document for an ``ExplanationSet`` or one or several attributions of the same
+    input. Every piece of user text (input, target, labels, tokens) is escaped; no scripts."""
+    table = None
+    if hasattr(results, "attributions"):  # an ExplanationSet: its own agreement table
+        table = results.agreement
+        results = list(results.attributions)
     results = [results] if not isinstance(results, list | tuple) else list(results)
     first = results[0]
     p = first.provenance
@@ -147,7 +154,7 @@ def html_report(results) -> str:
     ]
     body += [_section(r) for r in results]
     if len(results) > 1:
-        body.append(_agreement_table(results))
+        body.append(_agreement_table(results, table))
     body.append(
         "<h2>Provenance</h2><pre>"
         + html.escape(json.dumps(p.__dict__, indent=2, default=str))

@@ -1,4 +1,8 @@
-"""Result types of an explanation: token scores, faithfulness figures, method agreement."""
+"""Result types of an explanation: token scores, faithfulness figures, a multi-method set.
+
+Results draw themselves (``to_frame()``, ``bar_chart()``, ``chart()``, ``html()``, built in
+``views``), so a page, a notebook and a report use the same code.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.attribution import views
+from engine.attribution.agreement import Agreement, agreement
+from engine.attribution.spec import ExplanationSpec
 from engine.provenance import Provenance
 from engine.results import Result
 
@@ -34,6 +41,14 @@ class Faithfulness(Result):
     sufficiency: float
     random_comprehensiveness: float
     replacement: str
+
+    def to_frame(self):
+        """The three curves in long form: DataFrame [fraction, score, curve]."""
+        return views.curves_frame(self)
+
+    def chart(self):
+        """The deletion / insertion / random curves: altair Chart."""
+        return views.curves_chart(self)
 
 
 @dataclass(frozen=True)
@@ -152,6 +167,7 @@ class Attribution(Result):
         return [(labels[i], float(values[i])) for i in order]
 
     def to_frame(self):
+        """One row per input token: DataFrame [token, score, word, sentence, attributed]."""
         import pandas as pd
 
         return pd.DataFrame(
@@ -163,6 +179,75 @@ class Attribution(Result):
                 "attributed": self.free,
             }
         )
+
+    def group_frame(self, level: str = "token"):
+        """Scores per token, word or sentence: DataFrame [level, score, order]."""
+        return views.group_frame(self, level)
+
+    def bar_chart(self, level: str = "token", k: int = 15):
+        """The k largest-|score| tokens (words, sentences) as bars: altair Chart."""
+        return views.bar_chart(self, level, k)
+
+    def matrix_frame(self):
+        """Per-output-token scores in long form, or None without a matrix."""
+        return views.matrix_frame(self)
+
+    def matrix_chart(self):
+        """Heat map of the per-output-token matrix: altair Chart, or None."""
+        return views.matrix_chart(self)
+
+    def html(self) -> str:
+        """The input text coloured by score (escaped, self-contained HTML)."""
+        return views.coloured_html(self)
+
+
+@dataclass(frozen=True)
+class ExplanationSet(Result):
+    """Several methods' explanations of one target on one text, and how well they agree.
+
+    attributions: one ``Attribution`` per method, in the order asked.
+    agreement: pairwise rank agreement of their free-token scores (None with one method).
+    provenance: model, fingerprint, dtype, device, seed and library versions of the run.
+    spec: what was asked (text, target, methods with options, per_token, faithfulness, seed).
+    seconds: wall time of the whole run (methods, faithfulness curves, preparation).
+    """
+
+    attributions: tuple[Attribution, ...]
+    agreement: Agreement | None
+    provenance: Provenance
+    spec: ExplanationSpec | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def of(
+        cls,
+        attributions,
+        provenance: Provenance,
+        spec: ExplanationSpec | None = None,
+        seconds: float = 0.0,
+    ) -> ExplanationSet:
+        """The set of ``attributions`` with their agreement table (two or more methods)."""
+        attributions = tuple(attributions)
+        table = agreement(attributions) if len(attributions) > 1 else None
+        return cls(attributions, table, provenance, spec, seconds)
+
+    @property
+    def model(self) -> str:
+        return self.provenance.model
+
+    @property
+    def text(self) -> str:
+        return self.attributions[0].text if self.attributions else ""
+
+    def agreement_frame(self):
+        """The agreement table: DataFrame [method_a, method_b, spearman, kendall, ...], or None."""
+        return None if self.agreement is None else self.agreement.to_frame()
+
+    def html_report(self) -> str:
+        """One self-contained HTML document (no scripts, no network) for the whole set."""
+        from engine.attribution.report import html_report
+
+        return html_report(self)
 
 
 def sentence_ids(text: str, offsets: list[tuple[int, int]], free: np.ndarray) -> np.ndarray:
@@ -189,11 +274,15 @@ class Estimate:
     """Pre-flight estimate of one run: forward rows x tokens -> time and memory.
 
     rows: sequences the model will run (forward, plus backward for gradient methods).
-    seconds: expected wall time; peak_bytes: expected extra memory at the chosen batch size.
-    extra_rows: forward-only rows of the faithfulness curves, when asked for (in ``seconds``).
-    attempts / worst_rows / worst_seconds: runs the method may make (IG step refinement
-    doubles the steps up to Max steps) and their rows and time if every one runs (worst case;
-    equal to rows / seconds when there is one attempt); peak_bytes is the largest over them.
+    seconds: expected wall time; seconds_low / seconds_high: the range to show (from the
+    fastest and slowest measured rates on this machine, see ``calibration``);
+    calibrated: False while no rate is measured for this model and length (arithmetic
+    fallback, a wider range). peak_bytes: expected extra memory at the chosen batch size.
+    extra_rows: forward-only rows of the faithfulness curves, when asked for (in the seconds).
+    attempts / worst_rows / worst_seconds / worst_seconds_high: runs the method may make (IG
+    step refinement doubles the steps up to Max steps) and their rows and time if every one
+    runs (worst case; equal to rows / seconds when there is one attempt); peak_bytes is the
+    largest over them.
     """
 
     method: str
@@ -208,3 +297,50 @@ class Estimate:
     attempts: int = 1
     worst_rows: int = 0
     worst_seconds: float = 0.0
+    seconds_low: float = 0.0
+    seconds_high: float = 0.0
+    worst_seconds_high: float = 0.0
+    calibrated: bool = False
+
+    def time_range(self) -> str:
+        """The expected time as a range, e.g. "2.1-3.4 s" ("~" before an uncalibrated one)."""
+        mark = "" if self.calibrated else "~"
+        return f"{mark}{_short(self.seconds_low)}-{_short(self.seconds_high)} s"
+
+    def row(self, title: str) -> dict:
+        """One row of the pre-flight table (the page and the CLI show the same columns)."""
+        return {
+            "method": title,
+            "forward rows": self.rows,
+            "+ faithfulness rows": self.extra_rows,
+            "tokens": self.tokens,
+            "batch": self.batch_size,
+            "estimated time": self.time_range(),
+            "memory": _human_bytes(self.peak_bytes),
+            "fits": "yes" if self.fits else "NO",
+            "worst case (step refinement)": (
+                f"up to {_short(self.worst_seconds_high)} s, {self.worst_rows} rows "
+                f"({self.attempts} runs)"
+                if self.attempts > 1
+                else "-"
+            ),
+        }
+
+
+def _short(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds < 100 else f"{seconds:.0f}"
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def estimate_frame(estimates: list[Estimate], titles: list[str]):
+    """The pre-flight table of several runs: a pandas DataFrame, one row per method."""
+    import pandas as pd
+
+    return pd.DataFrame([e.row(t) for e, t in zip(estimates, titles, strict=True)])

@@ -20,8 +20,16 @@ from captum._utils.models.model import Model
 
 
 def _collect(train_data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (n, k), y (n,), w (n,)) from captum's training data.
+
+    captum hands a ``DataLoader`` over a ``TensorDataset``: its tensors are read directly,
+    because iterating a DataLoader draws a seed from torch's process-wide generator (and the
+    explanation must leave that generator alone).
+    """
+    tensors = getattr(getattr(train_data, "dataset", None), "tensors", None)
+    batches = [tensors] if tensors is not None else train_data
     xs, ys, ws = [], [], []
-    for batch in train_data:
+    for batch in batches:
         x, y = batch[0], batch[1]
         w = batch[2] if len(batch) > 2 else torch.ones(len(x))
         xs.append(x.detach().double().cpu().numpy().reshape(len(x), -1))

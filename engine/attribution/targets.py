@@ -1,6 +1,7 @@
 """What is being explained: a differentiable score of the input embeddings.
 
-A ``Target`` turns the user's request (a classifier label, a causal LM's next token or
+``tokenize`` checks the input and target and turns them into token ids under the tokenizer's
+lock alone (the pre-flight estimate needs nothing more). A ``Target`` turns the user's request (a classifier label, a causal LM's next token or
 continuation, or a contrast "A rather than B") into ``forward(free_embeds) -> (batch, outputs)``:
 natural-log probabilities (nats) computed from the embeddings of the *free* input tokens (the
 ones being attributed; special tokens such as [CLS]/[SEP]/BOS stay fixed).
@@ -55,55 +56,182 @@ def context_limit(loaded: LoadedModel) -> int:
     return 2048
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """The input and the target as token ids: everything checkable without running the model.
+
+    ``tokenize`` builds it under the tokenizer's lock only (no model lock, no forward pass), so
+    the pre-flight estimate can run while another user's run holds the model.
+
+    input_ids: (n,) ids of the input text; offsets: (n,) character spans; word_ids: (n,) word
+    index from the fast tokenizer (None for special tokens); free: (n,) True for the tokens
+    being attributed; targets: causal LM target ids, then the contrast's (an empty tuple = the
+    model's own next token, one token); label_ids: classifier label index (None = the predicted
+    label), then the contrast's.
+    """
+
+    input_ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    word_ids: tuple[int | None, ...]
+    free: tuple[bool, ...]
+    anchored: bool
+    is_lm: bool
+    targets: tuple[tuple[int, ...], ...] = ()
+    label_ids: tuple[int | None, ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_free(self) -> int:
+        return int(sum(self.free))
+
+    @property
+    def longest_target(self) -> int:
+        """Tokens of the longest target continuation (1 for the model's next token)."""
+        return max((len(t) or 1 for t in self.targets), default=0)
+
+    @property
+    def n_outputs(self) -> int:
+        """Output columns: target tokens (causal LM), or 1 (a contrast, a label)."""
+        if self.is_lm and len(self.targets) == 1:
+            return len(self.targets[0]) or 1
+        return 1
+
+
+def _check_kind(loaded: LoadedModel, text: str) -> None:
+    if not text.strip():
+        raise InputError("The text is empty: type the input to explain.")
+    if loaded.kind not in ("classifier", "causal-lm"):
+        raise InputError(
+            f"{loaded.name} is a {loaded.kind} model: attribution needs a sequence "
+            "classifier or a causal LM (fine-tune a classifier head on the Fine-tune page)."
+        )
+    if not getattr(loaded.tokenizer, "is_fast", False):
+        raise InputError(
+            f"{loaded.name} has a slow (Python) tokenizer: attribution needs a fast one "
+            "(offsets); save the model with its tokenizer.json."
+        )
+
+
+def _continuation_ids(loaded: LoadedModel, text: str, what: str) -> tuple[int, ...]:
+    ids = loaded.encode(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"The {what} is empty after tokenization: type some text.")
+    if len(ids) > MAX_TARGET_TOKENS:
+        raise InputError(
+            f"The {what} is {len(ids)} tokens long; at most {MAX_TARGET_TOKENS} are allowed: "
+            "shorten it."
+        )
+    return tuple(int(i) for i in ids)
+
+
+def label_index(loaded: LoadedModel, label: str) -> int:
+    """A classifier label's index from its name or number; ``InputError`` listing the labels."""
+    labels = dict(enumerate(label_names(loaded)))
+    key = str(label).strip()
+    for i, name in labels.items():
+        if key == name or key == str(i):
+            return i
+    choices = ", ".join(f"{i}={name}" for i, name in labels.items())
+    raise InputError(f"{loaded.name} has no label {label!r}; choose one of: {choices}.")
+
+
+def tokenize(loaded: LoadedModel, text: str, spec: TargetSpec) -> Tokenized:
+    """Tokenize the input and the target and check them (lengths, labels, context size).
+
+    Takes the tokenizer's lock only: no model lock, no forward pass. ``InputError`` for bad
+    input, with what to change.
+    """
+    _check_kind(loaded, text)
+    enc = loaded.encode(text, return_special_tokens_mask=True, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    offsets = tuple((int(a), int(b)) for a, b in enc["offset_mapping"])
+    word_index = tuple(enc.word_ids(0))
+    free = [not bool(m) for m in enc["special_tokens_mask"]]
+    is_lm = loaded.kind == "causal-lm"
+    anchor = spec.anchor_first
+    if anchor is None:
+        anchor = is_lm and bool(free and free[0]) and sum(free) > 1
+    anchored = bool(anchor and is_lm and free and free[0])
+    if anchored:
+        free[0] = False
+    if not any(free):
+        raise InputError("The text has no ordinary tokens to attribute.")
+    n, limit = len(ids), context_limit(loaded)
+    targets: tuple[tuple[int, ...], ...] = ()
+    label_ids: tuple[int | None, ...] = ()
+    if is_lm:
+        if spec.label:
+            raise InputError(
+                f"{loaded.name} is a causal LM: it has no labels; give a target text instead."
+            )
+        found = [_continuation_ids(loaded, spec.text, "target text") if spec.text else ()]
+        if spec.contrast is not None:
+            if not spec.contrast.strip():
+                raise InputError("The contrast text is empty: type the alternative continuation.")
+            found.append(_continuation_ids(loaded, spec.contrast, "contrast text"))
+        targets = tuple(found)
+        longest = max(len(t) or 1 for t in targets)
+        if n + longest > limit:
+            raise InputError(
+                f"Text ({n} tokens) plus target ({longest}) exceeds the model's context of "
+                f"{limit} tokens: shorten the text."
+            )
+    else:
+        if spec.text:
+            raise InputError(
+                f"{loaded.name} is a classifier: choose a label (--label), not a target text."
+            )
+        if n > limit:
+            raise InputError(
+                f"The text is {n} tokens; {loaded.name} accepts at most {limit}: shorten it."
+            )
+        chosen = [label_index(loaded, spec.label) if spec.label not in (None, "") else None]
+        if spec.contrast is not None:
+            chosen.append(label_index(loaded, spec.contrast))
+        label_ids = tuple(chosen)
+    return Tokenized(
+        input_ids=tuple(ids),
+        offsets=offsets,
+        word_ids=word_index,
+        free=tuple(free),
+        anchored=anchored,
+        is_lm=is_lm,
+        targets=targets,
+        label_ids=label_ids,
+    )
+
+
 class Target:
     """A prepared target on one input text. Call ``forward`` inside ``loaded.use()``.
 
     Attributes (all on CPU unless noted):
+        tokenized: the ``Tokenized`` input and target (ids, offsets, free mask).
         input_ids: (1, n) token ids of the input text, on the model's device.
         free: (n,) bool, True for the tokens being attributed.
         output_tokens: labels of the output columns (target tokens, or one label).
         description: one line saying what the score is.
     """
 
-    def __init__(self, loaded: LoadedModel, text: str, spec: TargetSpec) -> None:
-        if not text.strip():
-            raise InputError("The text is empty: type the input to explain.")
-        if loaded.kind not in ("classifier", "causal-lm"):
-            raise InputError(
-                f"{loaded.name} is a {loaded.kind} model: attribution needs a sequence "
-                "classifier or a causal LM (fine-tune a classifier head on the Fine-tune page)."
-            )
+    def __init__(
+        self, loaded: LoadedModel, text: str, spec: TargetSpec, tokenized: Tokenized | None = None
+    ) -> None:
         self.loaded = loaded
         self.spec = spec
         self.text = text
-        tok = loaded.tokenizer
-        if not getattr(tok, "is_fast", False):
-            raise InputError(
-                f"{loaded.name} has a slow (Python) tokenizer: attribution needs a fast one "
-                "(offsets); save the model with its tokenizer.json."
-            )
-        enc = tok(
-            text,
-            return_tensors="pt",
-            return_special_tokens_mask=True,
-            return_offsets_mapping=True,
-        )
-        self.input_ids = enc["input_ids"].to(loaded.device)  # (1, n)
-        self.offsets = [tuple(o) for o in enc["offset_mapping"][0].tolist()]
-        self.word_ids = enc.word_ids(0)
-        self.free = ~enc["special_tokens_mask"][0].bool()  # (n,)
-        anchor = spec.anchor_first
-        if anchor is None:
-            anchor = loaded.kind == "causal-lm" and bool(self.free[0]) and int(self.free.sum()) > 1
-        self.anchored = bool(anchor and loaded.kind == "causal-lm" and self.free[0])
-        if self.anchored:
-            self.free[0] = False
-        if not bool(self.free.any()):
-            raise InputError("The text has no ordinary tokens to attribute.")
+        self.tokenized = tokenized or tokenize(loaded, text, spec)
+        t = self.tokenized
+        self.input_ids = torch.tensor([t.input_ids], device=loaded.device)  # (1, n)
+        self.offsets = list(t.offsets)
+        self.word_ids = list(t.word_ids)
+        self.free = torch.tensor(t.free, dtype=torch.bool)  # (n,)
+        self.anchored = t.anchored
         n = self.input_ids.shape[1]
         self.embedding = loaded.model.get_input_embeddings()
         self.free_index = torch.nonzero(self.free).flatten().to(loaded.device)
-        self.is_lm = loaded.kind == "causal-lm"
+        self.is_lm = t.is_lm
         if self.is_lm:
             self._prepare_lm(n)
         else:
@@ -111,25 +239,16 @@ class Target:
 
     # --- preparation ----------------------------------------------------------------------
 
-    def _encode_continuation(self, text: str, what: str) -> torch.Tensor:
-        ids = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise InputError(f"The {what} is empty after tokenization: type some text.")
-        if len(ids) > MAX_TARGET_TOKENS:
-            raise InputError(
-                f"The {what} is {len(ids)} tokens long; at most {MAX_TARGET_TOKENS} are allowed: "
-                "shorten it."
-            )
-        return torch.tensor(ids, device=self.loaded.device)
+    def _decode(self, ids: list[int]) -> str:
+        with self.loaded.tokenizing() as tok:
+            return tok.decode(ids)
 
     def _prepare_lm(self, n: int) -> None:
         spec = self.spec
-        if spec.label:
-            raise InputError(
-                f"{self.loaded.name} is a causal LM: it has no labels; give a target text instead."
-            )
-        if spec.text:
-            target = self._encode_continuation(spec.text, "target text")
+        device = self.loaded.device
+        first = self.tokenized.targets[0]
+        if first:
+            target = torch.tensor(first, device=device)
             how = "continuation"
         else:
             with torch.no_grad():
@@ -137,18 +256,8 @@ class Target:
             target = logits.argmax().reshape(1)
             how = "next token (the model's top choice)"
         self.targets = [target]
-        if spec.contrast is not None:
-            if not spec.contrast.strip():
-                raise InputError("The contrast text is empty: type the alternative continuation.")
-            self.targets.append(self._encode_continuation(spec.contrast, "contrast text"))
-        longest = max(len(t) for t in self.targets)
-        limit = context_limit(self.loaded)
-        if n + longest > limit:
-            raise InputError(
-                f"Text ({n} tokens) plus target ({longest}) exceeds the model's context of "
-                f"{limit} tokens: shorten the text."
-            )
-        decode = self.loaded.tokenizer.decode
+        self.targets += [torch.tensor(t, device=device) for t in self.tokenized.targets[1:]]
+        decode = self._decode
         self.target_texts = ["".join(decode([i]) for i in t.tolist()) for t in self.targets]
         if spec.contrast is not None:
             self.output_tokens = [f"{self.target_texts[0]!r} rather than {self.target_texts[1]!r}"]
@@ -166,36 +275,18 @@ class Target:
         return dict(enumerate(label_names(self.loaded)))
 
     def label_index(self, label: str) -> int:
-        labels = self._labels()
-        key = label.strip()
-        for i, name in labels.items():
-            if key == name or key == str(i):
-                return i
-        choices = ", ".join(f"{i}={name}" for i, name in labels.items())
-        raise InputError(f"{self.loaded.name} has no label {label!r}; choose one of: {choices}.")
+        return label_index(self.loaded, label)
 
     def _prepare_classifier(self, n: int) -> None:
         spec = self.spec
-        if spec.text:
-            raise InputError(
-                f"{self.loaded.name} is a classifier: choose a label (--label), not a target text."
-            )
-        limit = context_limit(self.loaded)
-        if n > limit:
-            raise InputError(
-                f"The text is {n} tokens; {self.loaded.name} accepts at most {limit}: shorten it."
-            )
         labels = self._labels()
         with torch.no_grad():
             logits = self.loaded.model(input_ids=self.input_ids).logits[0]
         self.probabilities = torch.softmax(logits.float(), -1).cpu().numpy()
-        if spec.label not in (None, ""):
-            index = self.label_index(spec.label)
-        else:
-            index = int(logits.argmax())
-        self.label_ids = [index]
+        chosen = self.tokenized.label_ids
+        index = chosen[0] if chosen[0] is not None else int(logits.argmax())
+        self.label_ids = [index, *chosen[1:]]
         if spec.contrast is not None:
-            self.label_ids.append(self.label_index(spec.contrast))
             a, b = (labels[i] for i in self.label_ids)
             self.output_tokens = [f"{a} rather than {b}"]
             self.description = f"logit[{a}] - logit[{b}] (= log p({a}) - log p({b}))"
@@ -227,15 +318,15 @@ class Target:
 
     def baseline_ids(self, baseline: str) -> torch.Tensor:
         """(1, n) ids with every free token replaced by the baseline token (pad or mask)."""
-        tok = self.loaded.tokenizer
-        if baseline == "mask":
-            token = tok.mask_token_id
+        with self.loaded.tokenizing() as tok:
+            if baseline == "mask":
+                token = tok.mask_token_id
+                if token is None:
+                    token = tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id
+            else:
+                token = tok.pad_token_id
             if token is None:
-                token = tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id
-        else:
-            token = tok.pad_token_id
-        if token is None:
-            token = tok.eos_token_id or 0
+                token = tok.eos_token_id or 0
         ids = self.input_ids.clone()
         ids[0, self.free_index] = int(token)
         return ids
@@ -307,7 +398,8 @@ class Target:
 
     def token_texts(self) -> list[str]:
         """Display text of each input token (the text span it covers; special tokens by name)."""
-        tokens = self.loaded.tokenizer.convert_ids_to_tokens(self.input_ids[0].tolist())
+        with self.loaded.tokenizing() as tok:
+            tokens = tok.convert_ids_to_tokens(self.input_ids[0].tolist())
         out = []
         for i, (start, end) in enumerate(self.offsets):
             out.append(self.text[start:end] if self.free[i] and end > start else tokens[i])

@@ -1,10 +1,47 @@
-"""``workbench explain MODEL TEXT [--target TEXT] [--label L] --method NAME [--json]``."""
+"""``workbench explain MODEL TEXT [--target TEXT] [--label L] --method NAME [--json] [--html F]``.
+
+Output paths are checked before anything is loaded or computed: a report that cannot be
+written fails at once with one line, not after the whole explanation.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import sys
+from pathlib import Path
 
 from workbench.cli.common import open_workbench, print_json, progress_printer
+
+
+def check_writable(path: str, what: str) -> Path:
+    """The output path, once its folder is shown to accept a new file (``InputError`` else).
+
+    A probe file is created and removed next to it: permission bits alone do not tell (root
+    passes ``os.access`` on /proc, where no file can be created).
+    """
+    from engine.errors import InputError
+
+    target = Path(path).expanduser()
+    folder = target.parent
+    if target.is_dir():
+        raise InputError(f"Cannot write the {what} to {path}: it is a folder; give a file name.")
+    if not folder.is_dir():
+        raise InputError(
+            f"Cannot write the {what} to {path}: the folder {folder} does not exist; create it "
+            "or choose another path."
+        )
+    probe = folder / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.probe"
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(
+            f"Cannot write the {what} to {path}: {reason} in {folder}; choose a writable folder."
+        ) from exc
+    probe.unlink(missing_ok=True)
+    return target
 
 
 def _options(args) -> dict:
@@ -24,24 +61,26 @@ def _options(args) -> dict:
 
 
 def explain(args, _extra) -> int:
+    report = check_writable(args.html, "HTML report") if args.html else None
+    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec, start_explanation
+
+    options = _options(args)  # an unknown method fails here, before loading the model
     model = open_workbench().load(args.model, progress=progress_printer)
-    result = model.explain(
+    spec = ExplanationSpec(
         args.text,
-        args.target or "",
-        label=args.label,
-        contrast=args.contrast,
-        method=args.method,
-        options=_options(args),
+        TargetSpec(text=args.target or "", label=args.label, contrast=args.contrast),
+        methods=(MethodRun(args.method, options),),
         per_token=args.per_token,
         faithfulness=not args.no_faithfulness,
         seed=args.seed,
     )
-    if args.html:
-        from engine.attribution import html_report
+    explanation = start_explanation(model, spec).wait()
+    (result,) = explanation.attributions
+    if report is not None:
+        from engine.files import atomic_write_text
 
-        with open(args.html, "w") as fh:
-            fh.write(html_report(result))
-        print(f"report written to {args.html}", file=sys.stderr)
+        atomic_write_text(report, explanation.html_report(), "the HTML report")
+        print(f"report written to {report}", file=sys.stderr)
     if args.json:
         data = result.to_dict()
         data["tokens"] = list(result.tokens)

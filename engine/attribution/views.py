@@ -1,0 +1,119 @@
+"""Tables and charts of explanation results (pandas frames and altair charts, no Streamlit).
+
+The result objects call these (``Attribution.bar_chart()``, ``Faithfulness.chart()``, ...), so
+the Explain page, a notebook cell and a script draw a result with the same code. pandas and
+altair are imported lazily.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POSITIVE, NEGATIVE = "#16a34a", "#dc2626"
+
+
+def group_frame(result, level: str = "token"):
+    """Scores per token, word or sentence: DataFrame with columns [level, "score", "order"]."""
+    import pandas as pd
+
+    labels, values = result.groups(level)
+    return pd.DataFrame({level: labels, "score": values, "order": range(len(labels))})
+
+
+def top_frame(result, level: str = "token", k: int = 15):
+    """The k largest-|score| rows of ``group_frame``, largest first."""
+    frame = group_frame(result, level)
+    return frame.reindex(frame["score"].abs().sort_values(ascending=False).index).head(k)
+
+
+def bar_chart(result, level: str = "token", k: int = 15):
+    """Horizontal bars of the k largest-|score| tokens (or words, sentences): altair Chart."""
+    import altair as alt
+
+    top = top_frame(result, level, k)
+    return (
+        alt.Chart(top)
+        .mark_bar()
+        .encode(
+            x=alt.X("score:Q", title="attribution"),
+            y=alt.Y(f"{level}:N", sort=alt.SortField("score", order="descending"), title=None),
+            color=alt.condition("datum.score >= 0", alt.value(POSITIVE), alt.value(NEGATIVE)),
+            tooltip=[level, "score"],
+        )
+    )
+
+
+def matrix_frame(result):
+    """Per-output-token scores in long form: [output, input, score] (None without a matrix)."""
+    import pandas as pd
+
+    if result.token_matrix is None:
+        return None
+    keep = np.flatnonzero(result.free)
+    return pd.DataFrame(
+        [
+            {
+                "output": f"{j}:{out}",
+                "input": f"{i}:{result.tokens[i]}",
+                "score": float(result.token_matrix[j][i]),
+            }
+            for j, out in enumerate(result.output_tokens)
+            for i in keep
+        ]
+    )
+
+
+def matrix_chart(result):
+    """Heat map of the (output token, input token) matrix: altair Chart, or None."""
+    import altair as alt
+
+    frame = matrix_frame(result)
+    if frame is None:
+        return None
+    return (
+        alt.Chart(frame)
+        .mark_rect()
+        .encode(
+            x=alt.X("input:N", sort=None),
+            y=alt.Y("output:N", sort=None),
+            color=alt.Color("score:Q", scale=alt.Scale(scheme="redyellowgreen", domainMid=0)),
+            tooltip=["input", "output", "score"],
+        )
+    )
+
+
+def curves_frame(faithfulness):
+    """Deletion, insertion and random-deletion curves: [fraction, score, curve] rows."""
+    import pandas as pd
+
+    f = faithfulness
+    n = len(f.fractions)
+    return pd.DataFrame(
+        {
+            "fraction": list(f.fractions) * 3,
+            "score": [*f.deletion, *f.insertion, *f.random_deletion],
+            "curve": ["deletion"] * n + ["insertion"] * n + ["random deletion"] * n,
+        }
+    )
+
+
+def curves_chart(faithfulness):
+    """The faithfulness curves as lines: altair Chart."""
+    import altair as alt
+
+    return (
+        alt.Chart(curves_frame(faithfulness))
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("fraction:Q", title="share of tokens removed / inserted"),
+            y=alt.Y("score:Q", title="target score (nats)"),
+            color="curve:N",
+        )
+    )
+
+
+def coloured_html(result) -> str:
+    """The input text with each token coloured by its score, in a block (escaped HTML)."""
+    from engine.attribution.report import coloured_text
+
+    return f'<div style="line-height:2;font-size:1.1em">{coloured_text(result)}</div>'
