@@ -227,6 +227,13 @@ class Workbench:
         return Model(loaded, self)
 
     @functools.cached_property
+    def notebooks(self):
+        """The notebooks under ``home`` (``engine.notebooks.NotebookStore``)."""
+        from engine.notebooks import NotebookStore
+
+        return NotebookStore(self.home)
+
+    @functools.cached_property
     def ledger(self) -> Ledger:
         """The run ledger under ``home`` (every run of this workbench is recorded there)."""
         return Ledger(self.home)

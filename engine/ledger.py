@@ -354,6 +354,20 @@ class Ledger:
             raise LedgerError(f"Run {record.id} points outside the ledger: it was tampered with.")
         return path
 
+    def load_result(self, record: RunRecord) -> Any:
+        """The stored result as its typed object (``GenerationResult``, ``AttentionResult``,
+        ...), or the plain data when its type is unknown; None when the run left none."""
+        path = self.result_file(record)
+        if path is None or not path.is_file():
+            return None
+        if path.suffix == ".npz":
+            from engine.attention import AttentionResult
+
+            return AttentionResult.load_npz(path)
+        data = json.loads(path.read_text())
+        cls = result_class(data.get("type") if isinstance(data, dict) else None)
+        return cls.from_dict(data) if cls is not None else data
+
     # --- verification ---------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
@@ -398,6 +412,29 @@ class Ledger:
         if file_sha256(path) != record.result_sha256:
             return f"its result file {record.result_path} was changed (sha256 differs)"
         return None
+
+
+# result type name (``Result.to_dict()["type"]``) -> "module:Class"
+RESULT_TYPES = {
+    "GenerationResult": "engine.generation:GenerationResult",
+    "PerplexityResult": "engine.generation.evaluation:PerplexityResult",
+    "OverlapScores": "engine.generation.evaluation:OverlapScores",
+    "Comparison": "engine.generation.comparison:Comparison",
+    "ClassificationResult": "engine.classification:ClassificationResult",
+    "AttentionResult": "engine.attention:AttentionResult",
+    "Attribution": "engine.attribution:Attribution",
+}
+
+
+def result_class(name: str | None):
+    """The result class for a type name, imported on demand (None when unknown)."""
+    import importlib
+
+    target = RESULT_TYPES.get(name or "")
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _input_text(spec: dict) -> str | None:

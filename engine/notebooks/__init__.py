@@ -1,0 +1,40 @@
+"""Notebooks: saved, re-runnable cells over the run ledger.
+
+    from engine.notebooks import NotebookStore, Ref, start_cell, start_all
+    store = workbench.notebooks            # NotebookStore(workbench.home)
+    book = store.create("Paris")
+    cell = store.add_cell(book.id, "generate", {"model": "smollm2-135m", "prompt": "..."})
+    start_cell(workbench, book.id, cell.id).wait()
+
+Modules: ``book`` (cells, references, staleness, the store), ``execute`` (running cells as
+engine runs) and ``export`` (JSON bundle, .ipynb, HTML audit report).
+"""
+
+from engine.notebooks.book import (
+    KINDS,
+    OUTPUTS,
+    Cell,
+    Notebook,
+    NotebookError,
+    NotebookInfo,
+    NotebookStore,
+    Ref,
+    resolve_spec,
+)
+from engine.notebooks.execute import outputs_of, start_all, start_cell, wait_all
+
+__all__ = [
+    "KINDS",
+    "OUTPUTS",
+    "Cell",
+    "Notebook",
+    "NotebookError",
+    "NotebookInfo",
+    "NotebookStore",
+    "Ref",
+    "outputs_of",
+    "resolve_spec",
+    "start_all",
+    "start_cell",
+    "wait_all",
+]

@@ -1,0 +1,169 @@
+"""Running notebook cells: each cell's spec becomes an engine run (recorded in the ledger), and
+its end is written back into the notebook (ledger id, outputs, staleness of dependents).
+
+    run = start_cell(workbench, notebook_id, cell_id)   # a Run: progress, cancel, snapshot
+    run = start_all(workbench, notebook_id)             # every cell in order; cancel stops
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine import runs
+from engine.errors import CancelledError, EngineError, InputError
+from engine.notebooks.book import Cell, Notebook, NotebookStore, iter_runnable, resolve_spec
+
+# kind -> starter(workbench, spec) -> Run
+STARTERS: dict[str, Callable[[Any, dict], runs.Run]] = {}
+
+
+def starter(kind: str):
+    def register(fn):
+        STARTERS[kind] = fn
+        return fn
+
+    return register
+
+
+def _settings(spec: dict):
+    from engine.generation import GenerationSettings
+
+    raw = dict(spec.get("settings") or {})
+    if "stop_sequences" in raw:
+        raw["stop_sequences"] = tuple(raw["stop_sequences"] or ())
+    known = GenerationSettings.__dataclass_fields__
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InputError(f"Unknown generation setting(s): {', '.join(unknown)}.")
+    return GenerationSettings(**raw)
+
+
+def _model_name(spec: dict) -> str:
+    name = spec.get("model")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError("Pick a model for this cell.")
+    return name
+
+
+@starter("generate")
+def _generate(workbench, spec: dict) -> runs.Run:
+    from engine.generation import ChatMessage
+
+    messages = [ChatMessage(m["role"], m["content"]) for m in spec.get("messages") or []]
+    model = workbench.load(_model_name(spec))
+    return model.start_generation(spec.get("prompt", ""), _settings(spec), messages or None)
+
+
+@starter("evaluate")
+def _evaluate(workbench, spec: dict) -> runs.Run:
+    if spec.get("metric", "perplexity") == "perplexity":
+        return workbench.load(_model_name(spec)).start_perplexity(spec.get("text", ""))
+    from engine.generation.evaluation import overlap_scores
+
+    hypothesis, reference = spec.get("hypothesis", ""), spec.get("reference", "")
+    overlap_scores(hypothesis, reference)  # bad input raises here, before the run
+    with runs.recording(workbench.record):
+        return runs.start(
+            "score", lambda _ctx: overlap_scores(hypothesis, reference), spec=dict(spec)
+        )
+
+
+@starter("compare")
+def _compare(workbench, spec: dict) -> runs.Run:
+    return workbench.start_comparison(
+        spec.get("models") or [], spec.get("prompt", ""), _settings(spec)
+    )
+
+
+def outputs_of(cell: Cell, result: Any) -> dict:
+    """What other cells may use from this cell's result (see ``book.OUTPUTS``)."""
+    if cell.kind == "generate" and result is not None:
+        prompt = result.model_input or result.prompt
+        return {"text": result.text, "prompt": prompt, "full_text": prompt + result.text}
+    if cell.kind == "finetune" and result is not None:
+        return {"model": getattr(result, "model", None) or cell.spec.get("out")}
+    return {}
+
+
+def _run_one(
+    workbench, store: NotebookStore, book: Notebook, cell: Cell, ctx, part: tuple[int, int]
+) -> Any:
+    """Run one cell inside an outer run's worker: forward progress (as part ``i`` of ``n``)
+    and cancel, then record the end in the notebook."""
+    i, n = part
+    try:
+        spec = resolve_spec(book, cell)
+        start = STARTERS.get(cell.kind)
+        if start is None:
+            raise InputError(f"{cell.kind} cells cannot run here yet.")
+        inner = start(workbench, spec)
+    except EngineError as exc:
+        store.record_run(book.id, cell.id, None, "failed", str(exc))
+        raise
+    while not inner.join(0.1):
+        snap = inner.snapshot()
+        ctx.progress((i + snap.fraction) / n, snap.message)
+        if ctx.cancelled:
+            inner.cancel()
+    snap = inner.snapshot()
+    status = snap.state if snap.state in ("done", "failed", "cancelled") else "failed"
+    store.record_run(
+        book.id,
+        cell.id,
+        inner.id,
+        status,
+        snap.error,
+        outputs_of(cell, snap.result),
+        spec=cell.spec,
+    )
+    if status != "done":
+        if status == "cancelled":
+            raise CancelledError(snap.error or "Cancelled.")
+        raise EngineError(snap.error or "The cell failed.")
+    return snap.result
+
+
+def start_cell(workbench, notebook_id: str, cell_id: str) -> runs.Run:
+    """Run one cell in the background; the notebook is updated when it ends."""
+    store = workbench.notebooks
+    book = store.get(notebook_id)
+    cell = book.cell(cell_id)
+    resolve_spec(book, cell)  # an upstream cell that has not run: say so now
+
+    def work(ctx):
+        return _run_one(workbench, store, store.get(notebook_id), cell, ctx, (0, 1))
+
+    return runs.start("notebook-cell", work, spec={"notebook": notebook_id, "cell": cell_id})
+
+
+def start_all(workbench, notebook_id: str) -> runs.Run:
+    """Run every cell top to bottom; stops at the first failure or on cancel.
+
+    The result is a list of (cell id, ledger run id) for the cells that ran.
+    """
+    store = workbench.notebooks
+
+    def work(ctx):
+        done = []
+        cells = list(iter_runnable(store.get(notebook_id)))
+        for i, cell in enumerate(cells):
+            ctx.check()
+            book = store.get(notebook_id)  # re-read: outputs of the cells above are in it now
+            ctx.progress(i / len(cells), f"Cell {book.index(cell.id) + 1}: {cell.kind}")
+            _run_one(workbench, store, book, book.cell(cell.id), ctx, (i, len(cells)))
+            done.append((cell.id, store.get(notebook_id).cell(cell.id).run_id))
+        return done
+
+    return runs.start("notebook-run-all", work, spec={"notebook": notebook_id})
+
+
+def wait_all(workbench, notebook_id: str, timeout: float | None = None) -> list:
+    """Run all and wait (CLI, Python API)."""
+    run = start_all(workbench, notebook_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not run.join(0.2):
+        if deadline is not None and time.monotonic() > deadline:
+            run.cancel()
+    return run.wait()
