@@ -3,6 +3,7 @@ context overflow, streaming + cancel, chat, presets, evaluation, comparison, seq
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -175,46 +176,67 @@ def test_json_round_trip_and_csv(llama):
     assert len(lines) == 1 + len(result.tokens)
 
 
-def test_stream_reports_tokens_and_stop_frees_the_model(llama):
-    run = llama.stream(PROMPT, GenerationSettings(max_new_tokens=100, greedy=True))
-    seen = []
-    deadline = time.monotonic() + 30
-    while not run.done and time.monotonic() < deadline:
-        snap = run.snapshot()
-        seen.append(len(snap.tokens))
-        if len(snap.tokens) >= 3:
-            run.stop()
-            break
-        time.sleep(0.001)
-    result = run.wait(timeout=10)
+@contextlib.contextmanager
+def slowed(model, seconds: float):
+    """Make every forward pass of ``model`` take at least ``seconds`` longer."""
+    original = model.loaded.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    model.loaded.model.forward = slow_forward
+    try:
+        yield
+    finally:
+        del model.loaded.model.forward
+
+
+def streamed_tokens(run) -> int:
+    """Tokens in the run's partial output so far (0 before the first)."""
+    partial = run.snapshot().partial
+    return 0 if partial is None else len(partial.tokens)
+
+
+def test_stream_reports_tokens_and_stop_ends_the_run_early(llama):
+    n = 100
+    # Reference: left alone, this prompt runs to all n tokens (no end-of-text before), so a
+    # run that ends with fewer tokens can only have been stopped.
+    full = llama.generate(PROMPT, max_new_tokens=n, greedy=True)
+    assert full.finish_reason == "length" and len(full.tokens) == n
+    with slowed(llama, 0.02):  # at least 2 s for n tokens: a Stop that does not stop shows
+        run = llama.stream(PROMPT, GenerationSettings(max_new_tokens=n, greedy=True))
+        seen = []
+        deadline = time.monotonic() + 30
+        while not run.done and time.monotonic() < deadline:
+            seen.append(streamed_tokens(run))
+            if seen[-1] >= 3:
+                run.cancel()
+                break
+            time.sleep(0.002)
+        result = run.wait(timeout=10)
+    assert seen and seen[-1] >= 3, f"tokens did not stream: {seen[-5:]}"
+    assert seen == sorted(seen), "the streamed token count must only grow"
+    assert result.finish_reason == "cancelled"
+    assert 3 <= len(result.tokens) < n // 5, len(result.tokens)
+    # what was generated before the stop is the start of the uninterrupted run
+    assert [t.id for t in result.tokens] == [t.id for t in full.tokens][: len(result.tokens)]
+    assert run.snapshot().finished
     assert not llama.loaded.busy, "the model lock must be released once stopped"
-    if result.finish_reason == "cancelled":
-        assert 3 <= len(result.tokens) < 100
-    else:  # the tiny model may finish before we see 3 tokens: then it completed normally
-        assert result.finish_reason in ("length", "eos")
-    assert run.snapshot().result == result
 
 
 def test_stop_releases_the_lock_mid_run(llama):
     """A slow step (simulated) shows Stop returns within one step, not at max_new_tokens."""
-    original = llama.loaded.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.05)
-        return original(*args, **kwargs)
-
-    llama.loaded.model.forward = slow_forward
-    try:
+    with slowed(llama, 0.05):  # 100 tokens would take at least 5 s
         run = llama.stream(PROMPT, GenerationSettings(max_new_tokens=100, greedy=True))
-        while len(run.snapshot().tokens) < 2 and not run.done:
+        while streamed_tokens(run) < 2 and not run.done:
             time.sleep(0.01)
+        assert not run.done, "the run ended before it could be stopped"
         stopped_at = time.monotonic()
-        run.stop()
+        run.cancel()
         result = run.wait(timeout=5)
         assert time.monotonic() - stopped_at < 1.0
-    finally:
-        del llama.loaded.model.forward
-    assert result.finish_reason == "cancelled" and len(result.tokens) < 20
+    assert result.finish_reason == "cancelled" and 2 <= len(result.tokens) < 20
     assert not llama.loaded.busy
     acquired = threading.Event()
     with llama.loaded.use(timeout_s=1):
@@ -276,13 +298,55 @@ def test_perplexity_matches_a_direct_computation(llama):
         perplexity(llama.loaded, "movie")
 
 
-def test_bleu_and_chrf():
+# (hypothesis, reference, BLEU, chrF). BLEU is worked out by hand below each pair (sentence
+# BLEU: geometric mean of the 1-4-gram precisions, exp smoothing of a zero count, times the
+# brevity penalty); chrF values were computed once with sacrebleu 2.6 directly
+# (sacrebleu.sentence_chrf), independently of overlap_scores.
+BLEU_CASES = [
+    # 1-4-gram matches 5/6, 3/5, 1/4, 0/3 (smoothed to 1/(2*3)); same length, no penalty
+    (
+        "the cat is on the mat",
+        "the cat sat on the mat",
+        100 * (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25,
+        61.9251512899325,
+    ),
+    # one extra word: precisions 6/7, 5/6, 4/5, 3/4; longer than the reference, no penalty
+    (
+        "the cat sat on the mat today",
+        "the cat sat on the mat",
+        100 * (3 / 7) ** 0.25,
+        93.48516357545938,
+    ),
+    # every n-gram matches but one word short: brevity penalty exp(1 - 6/5) only
+    ("the cat sat on the", "the cat sat on the mat", 100 * math.exp(-0.2), 82.47762218711755),
+]
+
+
+@pytest.mark.parametrize(("hypothesis", "reference", "bleu", "chrf"), BLEU_CASES)
+def test_bleu_and_chrf_match_known_values(hypothesis, reference, bleu, chrf):
+    from engine.generation.evaluation import overlap_scores
+
+    scores = overlap_scores(hypothesis, reference)
+    assert scores.bleu == pytest.approx(bleu, abs=1e-6)
+    assert scores.chrf == pytest.approx(chrf, abs=1e-6)
+    assert scores.references == (reference,)
+
+
+def test_bleu_and_chrf_edges():
+    import sacrebleu
+
     from engine.generation.evaluation import overlap_scores
 
     same = overlap_scores("the cat sat on the mat", "the cat sat on the mat")
     assert same.bleu == pytest.approx(100.0) and same.chrf == pytest.approx(100.0)
     diff = overlap_scores("a dog ran", "the cat sat on the mat")
-    assert diff.bleu < 20 and diff.chrf < 30
+    assert diff.bleu < 5 and diff.chrf < 20
+    # several references: n-grams are clipped against the best match among them
+    refs = ["a dog sat on a rug", "the cat is on a mat"]
+    multi = overlap_scores("the cat is on the mat", refs)
+    assert multi.bleu == pytest.approx(sacrebleu.sentence_bleu("the cat is on the mat", refs).score)
+    assert multi.bleu > overlap_scores("the cat is on the mat", refs[0]).bleu
+    assert "nrefs:2" in multi.bleu_signature
     with pytest.raises(InputError, match="reference"):
         overlap_scores("x", " ")
 
