@@ -8,7 +8,9 @@ lock can call code that takes it again).
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -63,6 +65,17 @@ _registry: dict[str, PathLock] = {}
 _registry_lock = threading.Lock()
 
 
+def _forget_after_fork() -> None:
+    """A forked child holds none of its parent's locks: start with fresh lock objects."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _registry.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def path_lock(path: str | Path) -> PathLock:
     """The process-wide lock object for ``path`` (created on first use; the folder must exist)."""
     key = os.path.realpath(path)
@@ -73,14 +86,19 @@ def path_lock(path: str | Path) -> PathLock:
         return lock
 
 
+def host_tag() -> str:
+    """Six hex digits naming this machine (pids mean nothing on another host or container)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
 def owner_tag() -> str:
-    """``<pid>-<start>`` for this process (start: its creation time in centiseconds).
+    """``<pid>-<start>-<host>`` for this process (start: creation time in centiseconds).
 
     A pid alone is not enough: pids are reused, so a leftover's owner is "alive" only when a
-    process with that pid exists *and* started at the recorded time.
+    process with that pid exists *and* started at the recorded time, on this host.
     """
     started = psutil.Process(os.getpid()).create_time()
-    return f"{os.getpid()}-{round(started * 100)}"
+    return f"{os.getpid()}-{round(started * 100)}-{host_tag()}"
 
 
 def owner_alive(pid: int, started_cs: int) -> bool:

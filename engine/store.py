@@ -31,7 +31,7 @@ from pathlib import Path
 
 from engine.errors import EngineError, InputError, StoreError
 from engine.files import DiskError, atomic_write_json, disk_error
-from engine.locks import PathLock, owner_alive, owner_tag, path_lock
+from engine.locks import PathLock, host_tag, owner_alive, owner_tag, path_lock
 from engine.names import name_problem, validate_name
 
 __all__ = [
@@ -51,11 +51,12 @@ MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 VERIFY_CACHE = ".verified.json"
 MAX_MANIFEST_BYTES = 1 << 20
-# Leftovers whose names record no owner (written by older versions) are removed only when
-# nobody has touched them for this long.
+# Leftovers whose owner cannot be checked (written by older versions, or by another host
+# sharing this folder) are removed only when nobody has touched them for this long.
 LEGACY_LEFTOVER_AGE_S = 3600.0
 _LEFTOVER = re.compile(
-    r"\.(?P<kind>tmp|trash)-(?P<name>.+)-(?P<pid>\d+)-(?P<started>\d+)-(?P<token>[0-9a-f]{8})"
+    r"\.(?P<kind>tmp|trash)-(?P<name>.+)-(?P<pid>\d+)-(?P<started>\d+)-(?P<host>[0-9a-f]{6})"
+    r"-(?P<token>[0-9a-f]{8})"
 )
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -196,7 +197,7 @@ def _rename2(src: Path, dst: Path, flags: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # not Linux / old glibc
         return False
     call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd = -100
@@ -208,21 +209,31 @@ def _rename2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
+_DISK_ERRNOS = {
+    getattr(errno, code) for code in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, code)
+}
 _DISK_FULL_TEXT = ("No space left", "Errno 28", "basic_ios::clear", "file write failed")
 
 
 def _disk_full_error(exc: BaseException, what: str) -> DiskError | None:
     """A one-line ``DiskError`` when ``exc`` is a full or read-only disk, else None."""
-    if isinstance(exc, OSError) and exc.errno in (
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EROFS,
-        errno.EFBIG,
-    ):
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
         return disk_error(exc, what)
     if any(text in str(exc) for text in _DISK_FULL_TEXT):  # safetensors, torch.save
         return DiskError(f"No space left on the device while writing {what}: free some disk space.")
     return None
+
+
+def _untouched_for(path: Path) -> float:
+    """Seconds since ``path`` or anything directly in it last changed (0 if unreadable)."""
+    try:
+        latest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for child in path.iterdir():
+                latest = max(latest, child.lstat().st_mtime)
+    except OSError:
+        return 0.0
+    return time.time() - latest
 
 
 def _file_ids(paths: list[Path]) -> dict[str, list[int]]:
@@ -264,7 +275,7 @@ class ModelStore:
                 continue
             problem = name_problem(p.name)
             if problem is not None:
-                reason = f"Folder {p.name!r}: {problem}; delete {p} by hand."
+                reason = f"Folder {p.name!r} is not a valid entry ({problem}): delete {str(p)!r}."
                 bad.append(DamagedEntry(p.name, p, reason))
                 continue
             try:
@@ -319,8 +330,10 @@ class ModelStore:
         manifest_path = folder / MANIFEST
         if not (manifest_path.exists() or manifest_path.is_symlink()):
             raise StoreError(f"Store entry {name!r} has no manifest: {fix}.")
-        if not self._inside(manifest_path) or not manifest_path.is_file():
+        if not self._inside(manifest_path):
             raise StoreError(f"Store entry {name!r} has a manifest outside the store: {fix}.")
+        if not manifest_path.is_file():
+            raise StoreError(f"Store entry {name!r} has an unreadable manifest: {fix}.")
         try:
             with manifest_path.open("rb") as fh:
                 data = fh.read(MAX_MANIFEST_BYTES + 1)
@@ -556,35 +569,27 @@ class ModelStore:
         """Remove temporary folders left by writers that died; returns how many.
 
         A folder whose owner process still runs is never touched, nor one whose entry lock is
-        held; one with no recorded owner (older versions) only after an hour untouched.
+        held; one whose owner cannot be checked (older versions, another host) only after an
+        hour untouched.
         """
         removed = 0
         for path in list(self.root.iterdir()):
             if not path.name.startswith((".tmp-", ".trash-")):
                 continue
             match = _LEFTOVER.fullmatch(path.name)
-            if match is None:
-                try:
-                    age = time.time() - path.lstat().st_mtime
-                except OSError:
+            if match is None or match["host"] != host_tag():
+                if _untouched_for(path) < LEGACY_LEFTOVER_AGE_S:
                     continue
-                if age < LEGACY_LEFTOVER_AGE_S:
-                    continue
-                if _discard(path):
-                    removed += 1
+            elif owner_alive(int(match["pid"]), int(match["started"])):
                 continue
-            if owner_alive(int(match["pid"]), int(match["started"])):
-                continue
-            if name_problem(match["name"]) is not None:
-                if _discard(path):
-                    removed += 1
-                continue
-            lock = self.lock(match["name"])
-            if not lock.acquire(timeout=0):
+            name = match["name"] if match is not None else None
+            lock = self.lock(name) if name is not None and name_problem(name) is None else None
+            if lock is not None and not lock.acquire(timeout=0):
                 continue  # someone is writing or removing this entry right now
             try:
                 if _discard(path):
                     removed += 1
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
         return removed

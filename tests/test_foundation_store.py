@@ -7,7 +7,7 @@ import time
 import pytest
 
 from engine.errors import InputError, StoreError
-from engine.locks import owner_tag
+from engine.locks import host_tag, owner_tag
 from engine.store import ModelStore, fingerprint
 
 
@@ -63,19 +63,23 @@ def test_leftovers_from_a_dead_process_are_cleaned(tmp_path):
     store = ModelStore(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (store.root / f".tmp-ghost-{dead.pid}-12345-0123abcd").mkdir()
+    (store.root / f".tmp-ghost-{dead.pid}-12345-{host_tag()}-0123abcd").mkdir()
     mine = store.root / f".tmp-mine-{owner_tag()}-0123abcd"  # this process: alive
     mine.mkdir()
     legacy = store.root / ".tmp-ghost-123"  # no owner recorded: removed only when old
     legacy.mkdir()
+    other_host = "000000" if host_tag() != "000000" else "111111"
+    foreign = store.root / f".tmp-far-{dead.pid}-12345-{other_host}-0123abcd"
+    foreign.mkdir()  # a pid on another machine says nothing here: also only when old
     assert store.clean_leftovers() == 1
     assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == sorted(
-        [mine.name, legacy.name]
+        [mine.name, legacy.name, foreign.name]
     )
     hours_ago = time.time() - 2 * 3600
     os.utime(legacy, (hours_ago, hours_ago))
-    assert store.clean_leftovers() == 1
-    assert not legacy.exists() and mine.exists()
+    os.utime(foreign, (hours_ago, hours_ago))
+    assert store.clean_leftovers() == 2
+    assert not legacy.exists() and not foreign.exists() and mine.exists()
     assert store.names() == set()
 
 

@@ -18,6 +18,7 @@ import pytest
 from engine.catalog import resolve
 from engine.errors import InputError, ModelNotFoundError, StoreError
 from engine.files import DiskError
+from engine.locks import host_tag
 from engine.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_cleanup_skips_a_leftover_whose_entry_lock_is_held(tmp_path):
     store = ModelStore(tmp_path)
     dead = python("pass")
     dead.wait()
-    stale = store.root / f".trash-demo-{dead.pid}-1-0123abcd"
+    stale = store.root / f".trash-demo-{dead.pid}-1-{host_tag()}-0123abcd"
     stale.mkdir()
     held, release = threading.Event(), threading.Event()
 
@@ -200,7 +201,7 @@ def test_removing_a_symlinked_entry_leaves_no_dangling_trash(tmp_path):
 
     dead = python("pass")
     dead.wait()
-    dangling = store.root / f".trash-linked-{dead.pid}-1-0123abcd"
+    dangling = store.root / f".trash-linked-{dead.pid}-1-{host_tag()}-0123abcd"
     dangling.symlink_to(tmp_path / "gone")
     assert store.clean_leftovers() == 1
     assert not dangling.is_symlink()
@@ -320,6 +321,22 @@ def _not_utf8(folder: Path) -> None:
 DAMAGE["not UTF-8"] = (_not_utf8, "unreadable")
 
 
+def _manifest_outside(folder: Path) -> None:
+    outside = folder.parent.parent / "outside.json"
+    shutil.copy(folder / "manifest.json", outside)  # a valid manifest, but not in the store
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").symlink_to(outside)
+
+
+def _manifest_is_a_folder(folder: Path) -> None:
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").mkdir()
+
+
+DAMAGE["manifest outside the store"] = (_manifest_outside, "outside the store")
+DAMAGE["manifest is a folder"] = (_manifest_is_a_folder, "unreadable")
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
 def test_a_bad_manifest_is_listed_as_damaged_and_never_hides_the_rest(tmp_path, case):
     damage, reason = DAMAGE[case]
@@ -334,6 +351,18 @@ def test_a_bad_manifest_is_listed_as_damaged_and_never_hides_the_rest(tmp_path, 
     assert "workbench models remove bad" in damaged[0].reason
     with pytest.raises(StoreError, match="bad"):
         store.get("bad")
+
+
+def test_a_folder_with_an_invalid_name_is_listed_as_damaged_on_one_line(tmp_path):
+    store = ModelStore(tmp_path)
+    store.write("good", fake_model, kind="x", source="t", licence="MIT")
+    (store.root / "nl\n").mkdir()  # made by an older version whose name check used `$`
+    (store.root / "UPPER").mkdir()
+    assert store.names() == {"good"}
+    assert [e.name for e in store.entries()] == ["good"]
+    damaged = {d.name: d.reason for d in store.damaged()}
+    assert set(damaged) == {"nl\n", "UPPER"}
+    assert all("\n" not in reason and "not a valid entry" in reason for reason in damaged.values())
 
 
 def test_workbench_catalog_and_models_list_survive_a_damaged_entry(tmp_path):
@@ -381,12 +410,15 @@ def test_a_weight_file_missing_from_the_manifest_is_refused(tmp_path):
 def test_checked_fingerprint_hashes_once_then_notices_any_change(tmp_path, monkeypatch):
     import engine.store as store_module
 
-    store = ModelStore(tmp_path)
-    store.write("demo", fake_model, kind="x", source="t", licence="MIT")
-    (store.root / ".verified.json").unlink()
     calls = []
     real = store_module.fingerprint
     monkeypatch.setattr(store_module, "fingerprint", lambda f: calls.append(f) or real(f))
+    store = ModelStore(tmp_path)
+    store.write("demo", fake_model, kind="x", source="t", licence="MIT")
+    calls.clear()
+    assert store.checked_fingerprint("demo") == sha256_of_weights(store.root / "demo")
+    assert calls == []  # the write seeded the cache: the first load does not hash again
+    (store.root / ".verified.json").unlink()
     expected = sha256_of_weights(store.root / "demo")
     assert store.checked_fingerprint("demo") == expected
     assert store.checked_fingerprint("demo") == expected
