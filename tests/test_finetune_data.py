@@ -95,3 +95,94 @@ def test_config_validation_and_defaults():
         JobSpec(base="x", task="classification", data="d.csv", out="Bad Name").validated()
     spec = JobSpec(base="x", task="causal-lm", data="d", out="y", train=TrainConfig(lora=True))
     assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+# --- hostile files: refused with the line, never a crash or a silent merge ------------------
+
+
+def rows(n: int, text: str, label: str) -> list[str]:
+    return [json.dumps({"text": f"{text} {i}", "label": label}) for i in range(n)]
+
+
+@pytest.mark.parametrize("opener", ["[", '{"a": '])
+def test_jsonl_line_nested_100k_deep_is_an_input_error_naming_the_line(tmp_path, opener):
+    lines = rows(6, "good", "pos") + [opener * 100_000] + rows(6, "bad", "neg")
+    path = write(tmp_path, "deep.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"deep\.jsonl line 7 is nested too deeply"):
+        ftdata.load(path, "classification")
+
+
+def test_unterminated_csv_quote_is_refused_with_its_line_not_merged(tmp_path):
+    # Without strict quoting, lines 3-4 were swallowed into line 2's text: one example of
+    # "good movie,pos\nbad film\"" labelled neg, and no error at all.
+    body = "".join(f"fine film {i},pos\nawful film {i},neg\n" for i in range(6))
+    path = write(tmp_path, "q.csv", 'text,label\n"good movie,pos\n"bad film",neg\n' + body)
+    with pytest.raises(InputError, match=r"q\.csv line 2: a quoted cell .* not closed"):
+        ftdata.load(path, "classification")
+    # A quote never closed before the end of the file: named by the line it was opened on.
+    path = write(tmp_path, "eof.csv", "text,label\n" + body + '"bad film,neg\nok film,pos\n')
+    with pytest.raises(InputError, match=r"eof\.csv line 14: a quoted cell"):
+        ftdata.load(path, "classification")
+
+
+def test_multiline_quoted_cells_stay_valid_and_later_lines_are_counted_right(tmp_path):
+    body = "".join(f"fine film {i},pos\nawful film {i},neg\n" for i in range(5))
+    path = write(tmp_path, "m.csv", 'text,label\n"two\nlines",pos\n' + body)
+    table = ftdata.read_table(path)
+    assert table.rows[0] == {"text": "two\nlines", "label": "pos"}
+    assert table.lines[:3] == (2, 4, 5)  # the quoted cell spans lines 2-3
+    assert ftdata.load(path, "classification").labels == ("neg", "pos")
+    bad = write(tmp_path, "m2.csv", 'text,label\n"two\nlines",pos\nx,y,z\n' + body)
+    with pytest.raises(InputError, match=r"m2\.csv line 4 has 3 cells"):
+        ftdata.read_table(bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "role"),
+    [("label", {"k": "neg"}, "label"), ("text", ["bad", "film"], "text")],
+)
+def test_nested_jsonl_values_used_for_training_are_refused_with_the_line(
+    tmp_path, field, value, role
+):
+    lines = rows(5, "good", "pos") + rows(5, "bad", "neg")
+    lines.insert(3, json.dumps({"text": "bad film", "label": "neg", field: value}))
+    path = write(tmp_path, "n.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"n\.jsonl line 4: the {role} .* JSON object or list"):
+        ftdata.load(path, "classification")
+
+
+def test_nested_jsonl_values_in_unused_columns_are_fine(tmp_path):
+    lines = [
+        json.dumps({"text": f"{w} {i}", "label": w, "meta": {"source": ["a", i]}})
+        for w in ("good", "bad")
+        for i in range(5)
+    ]
+    path = write(tmp_path, "u.jsonl", "\n".join(lines) + "\n")
+    prepared = ftdata.load(path, "classification", ftdata.ColumnMap(text="text", label="label"))
+    assert prepared.labels == ("bad", "good")
+    table = ftdata.read_table(path)
+    assert json.loads(table.rows[0]["meta"]) == {"source": ["a", 0]}  # JSON, not Python repr
+
+
+def test_empty_cells_are_reported_by_file_line(tmp_path):
+    lines = rows(5, "good", "pos") + [""] + rows(5, "bad", "neg")
+    lines.insert(8, json.dumps({"text": "", "label": "neg"}))
+    path = write(tmp_path, "e.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"empty text \('text'\), lines 9:"):
+        ftdata.load(path, "classification")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"epochs": "3"}}, "epochs must be float or int, not str"),
+        ({"train": {"steps": "50"}}, "Unknown TrainConfig setting"),
+        ({"train": {"lora": "yes"}}, "lora must be bool"),
+        ({"processes": "2"}, "processes must be int"),
+        ({"allow_pickle": 1}, "allow_pickle must be bool"),
+    ],
+)
+def test_wrong_option_types_are_input_errors(data, message):
+    spec = {"base": "x", "task": "classification", "data": "d.csv", "out": "y", **data}
+    with pytest.raises(InputError, match=message):
+        JobSpec.from_dict(spec).validated()

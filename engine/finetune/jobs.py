@@ -45,7 +45,7 @@ from engine.errors import EngineError, InputError, UnsafeModelError
 from engine.files import atomic_write, atomic_write_json, atomic_write_text
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec
-from engine.finetune.result import FinetuneResult
+from engine.finetune.result import FinetuneResult, read_json
 from engine.finetune.run import JobRun
 from engine.store import ModelStore, weight_files, workbench_home
 
@@ -134,13 +134,6 @@ def _me() -> tuple[int, float]:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
 
 
 def check_base(spec: JobSpec, store: ModelStore) -> None:

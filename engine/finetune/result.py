@@ -1,9 +1,12 @@
-"""What a fine-tuning job produces (``FinetuneResult``) and what it shows while it runs
-(``FinetuneProgress``). No torch here: the page reads both."""
+"""What a fine-tuning job produces (``FinetuneResult``), what it shows while it runs
+(``FinetuneProgress``), and ``read_json`` for the job folder's files. No torch here: the page
+reads all of them."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.finetune.config import TrainConfig
@@ -11,6 +14,15 @@ from engine.provenance import Provenance
 from engine.results import Result
 
 COMPARED = ("accuracy", "f1", "eval_loss", "perplexity")  # before/after table, in this order
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A job file's JSON, or ``default`` when it is missing or not JSON (files are replaced
+    atomically, so a reader never sees half of one)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
 
 
 @dataclass(frozen=True)

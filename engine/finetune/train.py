@@ -27,8 +27,7 @@ from engine.errors import CancelledError, InputError
 from engine.files import atomic_write, atomic_write_json, atomic_write_text, disk_error
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec
-from engine.finetune.jobs import read_json
-from engine.finetune.result import FinetuneResult
+from engine.finetune.result import FinetuneResult, read_json
 from engine.provenance import Provenance
 from engine.store import ModelStore, fingerprint
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from engine.errors import CancelledError, EngineError
 from engine.files import atomic_write_json
-from engine.finetune.jobs import ACTIVE, JobStore, read_json
+from engine.finetune.jobs import ACTIVE, JobStore
+from engine.finetune.result import read_json
 from engine.runs import one_line_error
 from engine.store import workbench_home
 
