@@ -21,7 +21,14 @@ from engine.notebooks.book import (
     Ref,
     resolve_spec,
 )
-from engine.notebooks.execute import outputs_of, start_all, start_cell, wait_all
+from engine.notebooks.execute import (
+    cell_result,
+    cells_from_runs,
+    outputs_of,
+    start_all,
+    start_cell,
+    wait_all,
+)
 
 __all__ = [
     "KINDS",
@@ -32,6 +39,8 @@ __all__ = [
     "NotebookInfo",
     "NotebookStore",
     "Ref",
+    "cell_result",
+    "cells_from_runs",
     "outputs_of",
     "resolve_spec",
     "start_all",

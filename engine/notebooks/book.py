@@ -33,7 +33,27 @@ from engine.files import atomic_write_json
 
 FORMAT = "llmos-notebook"
 FORMAT_VERSION = 1
-KINDS = ("markdown", "generate", "evaluate", "compare", "attention", "explain", "finetune")
+KINDS = (
+    "markdown",
+    "generate",
+    "evaluate",
+    "compare",
+    "attention",
+    "explain",
+    "classify",
+    "finetune",
+)
+# ledger operation -> the cell kind that re-runs it
+KIND_OF_OPERATION = {
+    "generate": "generate",
+    "perplexity": "evaluate",
+    "score": "evaluate",
+    "compare": "compare",
+    "attention": "attention",
+    "explain": "explain",
+    "classify": "classify",
+    "finetune": "finetune",
+}
 # what each kind's result offers to other cells: output name -> description
 OUTPUTS = {
     "generate": {
@@ -296,9 +316,48 @@ class NotebookStore:
             self.path(notebook_id).unlink(missing_ok=True)
 
     def import_dict(self, data: Any, source: str = "the file") -> Notebook:
-        """A notebook from an exported bundle, under a new id (never overwrites another)."""
+        """A notebook from an exported bundle, under a new id (never overwrites another).
+
+        The bundle's recorded results are kept beside the notebooks (``imported/``), so the
+        cells show them at once on this machine too.
+        """
+        if not isinstance(data, dict):
+            raise NotebookError(f"{source} is not a workbench notebook.")
         book = notebook_from_dict(data.get("notebook") if "notebook" in data else data, source)
+        runs = data.get("runs") or {}
+        if not isinstance(runs, dict):
+            raise NotebookError(f"{source}: runs must be an object.")
+        for entry in runs.values():
+            self._import_run(entry, source)
         return self.save(replace(book, id=new_id()))
+
+    def _import_run(self, entry: Any, source: str) -> None:
+        import base64
+
+        record = entry.get("record") if isinstance(entry, dict) else None
+        run_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{16}", run_id):
+            raise NotebookError(f"{source} holds a run with a bad id.")
+        folder = self.root / "imported"
+        folder.mkdir(exist_ok=True)
+        atomic_write_json(folder / f"{run_id}.record.json", record, f"imported run {run_id}")
+        if isinstance(entry.get("result"), dict):
+            atomic_write_json(folder / f"{run_id}.json", entry["result"], f"imported run {run_id}")
+        elif isinstance(entry.get("result_npz"), str):
+            from engine.files import atomic_write_bytes
+
+            raw = base64.b64decode(entry["result_npz"], validate=True)
+            atomic_write_bytes(folder / f"{run_id}.npz", raw, f"imported run {run_id}")
+
+    def imported_result(self, run_id: str) -> Path | None:
+        """The file of a run that came with an imported bundle (None when there is none)."""
+        if not re.fullmatch(r"[0-9a-f]{16}", run_id or ""):
+            return None
+        for suffix in (".json", ".npz"):
+            path = self.root / "imported" / f"{run_id}{suffix}"
+            if path.is_file():
+                return path
+        return None
 
     # --- changes (each under the notebook's lock, re-reading the file first) ---------------
 

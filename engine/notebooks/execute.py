@@ -77,6 +77,60 @@ def _compare(workbench, spec: dict) -> runs.Run:
     )
 
 
+@starter("classify")
+def _classify(workbench, spec: dict) -> runs.Run:
+    return workbench.load(_model_name(spec)).start_classification(spec.get("text", ""))
+
+
+def cells_from_runs(workbench, notebook_id: str, run_ids: list[str]) -> Notebook:
+    """Append one cell per recorded run (in the given order), showing its recorded result."""
+    from engine.notebooks.book import KIND_OF_OPERATION
+
+    store = workbench.notebooks
+    for run_id in run_ids:
+        record = workbench.ledger.get(run_id)
+        kind = KIND_OF_OPERATION.get(record.operation)
+        if kind is None:
+            raise InputError(f"Run {run_id} ({record.operation}) cannot become a notebook cell.")
+        spec = dict(record.spec)
+        if record.operation == "perplexity":
+            spec["metric"] = "perplexity"
+        elif record.operation == "score":
+            spec["metric"] = "overlap"
+        if record.status != "done":
+            store.add_cell(notebook_id, kind, spec, status="new")
+            continue
+        probe = Cell("000000000000", kind, spec)
+        outputs = outputs_of(probe, workbench.ledger.load_result(record))
+        store.add_cell(notebook_id, kind, spec, run_id=record.id, outputs=outputs, status="done")
+    return store.get(notebook_id)
+
+
+def cell_result(workbench, cell: Cell) -> Any:
+    """The typed result of a cell's last run, from the ledger (or an imported bundle);
+    None when it never ran. Nothing is recomputed."""
+    if not cell.run_id:
+        return None
+    ledger = workbench.ledger
+    try:
+        return ledger.load_result(ledger.get(cell.run_id))
+    except InputError:
+        path = workbench.notebooks.imported_result(cell.run_id)
+    if path is None:
+        return None
+    if path.suffix == ".npz":
+        from engine.attention import AttentionResult
+
+        return AttentionResult.load_npz(path)
+    import json
+
+    from engine.ledger import result_class
+
+    data = json.loads(path.read_text())
+    cls = result_class(data.get("type"))
+    return cls.from_dict(data) if cls is not None else data
+
+
 def outputs_of(cell: Cell, result: Any) -> dict:
     """What other cells may use from this cell's result (see ``book.OUTPUTS``)."""
     if cell.kind == "generate" and result is not None:

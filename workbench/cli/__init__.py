@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "classify",
     "history",
     "rerun",
+    "notebook",
 )
 
 
