@@ -4,6 +4,8 @@ The page only builds an ``ExplanationSpec``, starts it as an engine run and draw
 snapshots and its ``ExplanationSet``; the result objects draw their own charts and reports.
 """
 
+import dataclasses
+
 import streamlit as st
 
 from engine.attribution import (
@@ -199,7 +201,7 @@ def preflight(model, spec: ExplanationSpec) -> list:
     nothing. Tokenization only; the one-off timing benchmark runs only when the model is free
     (otherwise the arithmetic estimate is shown and not cached, so a later rerun measures)."""
     cache: dict = st.session_state.setdefault(ESTIMATES_KEY, {})
-    key = (model.name, model.loaded.fingerprint, spec)
+    key = (model.name, model.loaded.fingerprint, dataclasses.replace(spec, seed=0))
     if key in cache:
         return cache[key]
     with st.spinner("Estimating (the first time, a short timing benchmark of this model)…"):

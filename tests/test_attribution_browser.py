@@ -36,7 +36,8 @@ def test_full_run_faithfulness_and_export(app_server, page):
     with page.expect_download() as download:
         page.locator(".st-key-explain_dl_json button").click()
     exported = json.loads(Path(download.value.path()).read_text())
-    (result,) = exported["results"]
+    assert exported["type"] == "ExplanationSet" and exported["agreement"] is None
+    (result,) = exported["attributions"]
     assert result["method"] == "integrated_gradients" and result["options"]["steps"] == 50
     assert result["model"] == "smollm2-135m" and result["target"]["text"] == " Paris"
     assert len(result["scores"]) == len(result["tokens"]) >= 5

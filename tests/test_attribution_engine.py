@@ -344,6 +344,169 @@ def test_deeplift_runs_where_activations_have_rules(tmp_path, wb):
     )
 
 
+# --- sampled, windowed and attention methods: equal to captum or to an exact value -------------
+
+
+def _free_inputs(loaded, text, spec):
+    """(target, inputs (1, k, d), pad baselines (1, k, d), (1, k, 1) token mask)."""
+    target = Target(loaded, text, spec)
+    x, base = target.free_embeds(), target.baseline_free_embeds("pad")
+    k = x.shape[1]
+    return target, x, base, torch.arange(k).view(1, k, 1)
+
+
+@pytest.mark.parametrize("which", ["llama", "classifier"])
+def test_gradient_shap_equals_captum_seeded_the_same(request, which):
+    """captum's GradientShap after torch.manual_seed / np.random.seed(seed): the same draws."""
+    from captum.attr import GradientShap
+
+    loaded = request.getfixturevalue(which)
+    text, spec = (
+        (LM_TEXT, TargetSpec(text=" paris")) if which == "llama" else (CLS_TEXT, TargetSpec())
+    )
+    with loaded.use():
+        target, x, base, _ = _free_inputs(loaded, text, spec)
+        torch.manual_seed(7)
+        np.random.seed(7)
+        direct = GradientShap(target.score).attribute(
+            x.clone().requires_grad_(), baselines=base, n_samples=12, stdevs=0.3
+        )
+    options = {"samples": 12, "stdevs": 0.3}
+    result = explain(loaded, text, spec, "gradient_shap", options, seed=7, faithfulness=False)
+    expected = direct.detach().sum(-1)[0].numpy()
+    assert np.abs(expected).max() > 1e-3  # a zeros stub cannot pass
+    np.testing.assert_allclose(result.scores[result.free], expected, atol=1e-6, rtol=1e-4)
+    other = explain(loaded, text, spec, "gradient_shap", options, seed=8, faithfulness=False)
+    assert not np.allclose(other.scores, result.scores)  # the seed drives the draws
+
+
+def test_shapley_value_sampling_equals_captum_seeded_the_same(llama):
+    from captum.attr import ShapleyValueSampling
+
+    with llama.use():
+        target, x, base, mask = _free_inputs(llama, LM_TEXT, TargetSpec(text=" paris"))
+        torch.manual_seed(5)
+        direct = ShapleyValueSampling(target.score).attribute(
+            x, baselines=base, feature_mask=mask, n_samples=6
+        )[0, :, 0]
+    result = explain(
+        llama,
+        LM_TEXT,
+        TargetSpec(text=" paris"),
+        "shapley_value_sampling",
+        {"samples": 6},
+        seed=5,
+        faithfulness=False,
+    )
+    assert float(direct.abs().max()) > 1e-3
+    np.testing.assert_allclose(result.scores[result.free], direct.numpy(), atol=1e-6)
+    # efficiency: each permutation's contributions add up to f(input) - f(baseline)
+    with torch.no_grad():
+        gap = result.target_score - float(target.score(base))
+    assert float(result.scores.sum()) == pytest.approx(gap, abs=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_occlusion_equals_hand_computed_windows(llama, window):
+    """Each token's score: mean over the windows covering it of f(x) - f(x, window replaced)."""
+    spec = TargetSpec(text=" paris")
+    with llama.use(), torch.no_grad():
+        target, x, base, _ = _free_inputs(llama, LM_TEXT, spec)
+        k = x.shape[1]
+        full = float(target.score(x))
+        drops, covers = np.zeros(k), np.zeros(k)
+        for start in range(k - window + 1):
+            hidden = x.clone()
+            hidden[:, start : start + window] = base[:, start : start + window]
+            drops[start : start + window] += full - float(target.score(hidden))
+            covers[start : start + window] += 1
+    expected = drops / covers
+    options = {"window": window}
+    result = explain(llama, LM_TEXT, spec, "occlusion", options, faithfulness=False)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(result.scores[result.free], expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def uniform_llama(wb, tiny_models, tmp_path_factory):
+    """The tiny Llama with zero query weights: every head attends uniformly to the prefix."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import testing
+
+    folder = tmp_path_factory.mktemp("uniform") / "uniform-llama"
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+    model.save_pretrained(folder)
+    testing.tiny_tokenizer().save_pretrained(folder)
+    return wb.load(str(folder)).loaded
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max"])
+def test_attention_rollout_exact_on_uniform_attention(uniform_llama, fusion):
+    """Uniform causal attention A[i, j] = 1/(i+1): rollout is the last row of
+    (A/2 + I/2)^layers, known in closed form, whatever the head fusion."""
+    result = explain(
+        uniform_llama,
+        LM_TEXT,
+        TargetSpec(text=" paris"),
+        "attention_rollout",
+        {"head_fusion": fusion},
+        faithfulness=False,
+    )
+    n = len(result.tokens)
+    uniform = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
+    step = 0.5 * uniform + 0.5 * np.eye(n)
+    layers = uniform_llama.model.config.num_hidden_layers
+    expected = np.linalg.matrix_power(step, layers)[n - 1]
+    np.testing.assert_allclose(result.scores[result.free], expected[result.free], atol=1e-6)
+    assert not result.free[0] and result.scores[0] == 0  # the anchored first token
+
+
+def test_attention_rollout_matches_the_models_own_attentions(classifier):
+    """On a random BERT classifier: rollout from the model's eager attentions. The tiny
+    tokenizer adds no [CLS], so it is read at the last position (the predicting one)."""
+    result = explain(
+        classifier,
+        CLS_TEXT,
+        TargetSpec(),
+        "attention_rollout",
+        {"head_fusion": "max"},
+        faithfulness=False,
+    )
+    ids = classifier.encode(CLS_TEXT, return_tensors="pt")["input_ids"]
+    with classifier.use(), classifier.eager_attention(), torch.no_grad():
+        attentions = classifier.model(input_ids=ids, output_attentions=True).attentions
+    n = ids.shape[1]
+    rollout = np.eye(n)
+    for layer in attentions:
+        a = layer[0].max(0).values.double().numpy()
+        a = 0.5 * a + 0.5 * np.eye(n)
+        rollout = (a / a.sum(-1, keepdims=True)) @ rollout
+    assert result.free.all() and result.tokens[0] == "this"
+    np.testing.assert_allclose(result.scores, rollout[n - 1], atol=1e-6)
+
+
+def test_classifier_explains_the_predicted_label_by_name(classifier):
+    """No label given: the target is the argmax label of a direct forward pass, by name."""
+    ids = classifier.encode(CLS_TEXT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = classifier.model(input_ids=ids).logits[0]
+    predicted = classifier.model.config.id2label[int(logits.argmax())]
+    result = explain(classifier, CLS_TEXT, TargetSpec(), "saliency", faithfulness=False)
+    assert result.output_tokens == (predicted,)
+    assert result.target_description == f"log p(label {predicted} (predicted))"
+    other = "negative" if predicted == "positive" else "positive"
+    chosen = explain(classifier, CLS_TEXT, TargetSpec(label=other), "saliency", faithfulness=False)
+    assert chosen.output_tokens == (other,)
+    assert chosen.target_description == f"log p(label {other})"
+    assert chosen.label_probabilities[other] == pytest.approx(
+        float(torch.softmax(logits, -1)[1 if other == "positive" else 0]), abs=1e-6
+    )
+
+
 # --- trust figures ------------------------------------------------------------------------
 
 
@@ -585,6 +748,26 @@ def test_json_round_trip_and_html_report(classifier, tmp_path):
     report = html_report(runs)
     assert "Method agreement" in report and "Integrated Gradients" in report
     assert report.count('class="tok"') == 2 * int(runs[0].free.sum())
+
+
+HOSTILE = 'the movie <script>alert(1)</script> is good "><img src=x onerror=alert(2)> !'
+
+
+def test_html_report_escapes_hostile_text(llama):
+    """Input and target text with markup: every piece shows as text, none becomes a tag."""
+    target = TargetSpec(text=' paris "><img src=x onerror=alert(3)>')
+    runs = [explain(llama, HOSTILE, target, m) for m in ("saliency", "feature_ablation")]
+    report = html_report(runs)
+    assert "<script" not in report.lower() and "<img" not in report.lower()
+    assert "onerror=" not in report.replace("onerror=alert(", "")  # only escaped copies
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report  # the input, shown as text
+    assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in report
+    assert "&lt;img src=x onerror=alert(3)&gt;" in report  # the target, in its description
+    # the coloured spans cover the original characters, escaped
+    assert report.count('class="tok"') == 2 * int(runs[0].free.sum())
+    for attribution in runs:
+        block = attribution.html()
+        assert "<script" not in block and "<img" not in block and "&lt;script&gt;" in block
 
 
 def test_cli_explain_json(tiny_models, capsys, monkeypatch, tmp_path):

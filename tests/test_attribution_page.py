@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -99,6 +100,83 @@ def test_full_run_classifier_with_two_methods(app, downloads):
     assert report.startswith("<!doctype html>") and "Faithfulness" in report
     assert "<script" not in report
     assert not re.search(r"""(src|href)=["']?https?:""", report)  # self-contained
+
+
+HOSTILE = 'this movie <script>alert(1)</script> is good "><img src=x onerror=alert(2)> !'
+
+
+def test_hostile_text_is_escaped_in_the_page_and_the_report(app, downloads):
+    at = app("classifier")
+    at.run()
+    at.text_area(key="explain_text").set_value(HOSTILE)
+    at.multiselect(key="explain_methods").set_value(["saliency", "feature_ablation"])
+    at.run()
+    _run_to_completion(at)
+    assert not at.exception, at.exception
+    report = downloads["attribution.html"]
+    assert "<script" not in report.lower() and "<img" not in report.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+    assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in report
+    assert json.loads(downloads["attribution.json"])["attributions"][0]["text"] == HOSTILE
+    # the page's own coloured text is escaped the same way; the input is shown as plain text
+    shown = [h.proto.body for h in at.get("html")]
+    assert len(shown) == 2 and all("<script" not in b and "<img" not in b for b in shown)
+    for body in shown:  # its text content is the input, character for character
+        assert html.unescape(re.sub(r"<[^>]+>", "", body)) == HOSTILE
+    assert any(t.value == f"Input: {HOSTILE}" for t in at.text)
+
+
+def test_estimate_is_cached_and_never_waits_for_a_busy_model(app, monkeypatch):
+    import threading
+
+    import engine.attribution as attribution
+    from engine.attribution import calibration
+
+    calls = []
+    real = attribution.estimate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("wait"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "estimate", counting)
+    calibration.forget()
+    at = app("llama")
+    at.run()
+    assert not at.exception and calls == [False]  # never a waiting estimate
+    assert "~" not in at.dataframe[0].value["estimated time"][0]  # measured: a plain range
+    at.number_input(key="explain_seed").set_value(5).run()  # the seed changes no estimate
+    at.run()
+    assert len(calls) == 1  # reruns read the page's cache
+    at.text_area(key="explain_text").set_value("the capital of france is").run()
+    assert len(calls) == 2
+    # another run holds the model and nothing is measured for this length yet (a longer
+    # text: the next length bucket): the page shows the arithmetic estimate at once instead
+    # of waiting for the model
+    model = at.session_state["model_name"]
+    from workbench import ui
+
+    loaded = ui.get_workbench().manager.get(model)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with loaded.use():
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        longer = "the capital of france is a city . " * 3  # 24 tokens: bucket 32
+        at.text_area(key="explain_text").set_value(longer).run(timeout=30)
+        assert not at.exception
+        assert at.dataframe[0].value["estimated time"][0].startswith("~")
+    finally:
+        release.set()
+        holder.join(10)
+    at.run()  # the model is free again: measured now (the busy estimate was not cached)
+    assert not at.dataframe[0].value["estimated time"][0].startswith("~")
 
 
 def test_causal_lm_run_and_bad_input(app):
