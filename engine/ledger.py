@@ -360,13 +360,9 @@ class Ledger:
         path = self.result_file(record)
         if path is None or not path.is_file():
             return None
-        if path.suffix == ".npz":
-            from engine.attention import AttentionResult
+        from engine.result_types import load_result_file
 
-            return AttentionResult.load_npz(path)
-        data = json.loads(path.read_text())
-        cls = result_class(data.get("type") if isinstance(data, dict) else None)
-        return cls.from_dict(data) if cls is not None else data
+        return load_result_file(path)
 
     # --- verification ---------------------------------------------------------------------
 
@@ -412,29 +408,6 @@ class Ledger:
         if file_sha256(path) != record.result_sha256:
             return f"its result file {record.result_path} was changed (sha256 differs)"
         return None
-
-
-# result type name (``Result.to_dict()["type"]``) -> "module:Class"
-RESULT_TYPES = {
-    "GenerationResult": "engine.generation:GenerationResult",
-    "PerplexityResult": "engine.generation.evaluation:PerplexityResult",
-    "OverlapScores": "engine.generation.evaluation:OverlapScores",
-    "Comparison": "engine.generation.comparison:Comparison",
-    "ClassificationResult": "engine.classification:ClassificationResult",
-    "AttentionResult": "engine.attention:AttentionResult",
-    "Attribution": "engine.attribution:Attribution",
-}
-
-
-def result_class(name: str | None):
-    """The result class for a type name, imported on demand (None when unknown)."""
-    import importlib
-
-    target = RESULT_TYPES.get(name or "")
-    if target is None:
-        return None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def _input_text(spec: dict) -> str | None:

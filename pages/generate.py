@@ -8,10 +8,9 @@ page collects its typed result when it ends. The run's error stays on the page u
 
 import html
 
-import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import renderers, ui
 
 RUN, RESULT, HISTORY = "gen_run", "gen_result", "gen_history"
 COMPARE_RUN, COMPARISON, COMPARE_ERROR = "gen_compare_run", "gen_comparison", "gen_compare_error"
@@ -30,7 +29,6 @@ from engine.generation import (  # noqa: E402
 )
 from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
 from engine.generation.evaluation import overlap_scores  # noqa: E402
-from engine.generation.views import token_html  # noqa: E402
 
 st.session_state.setdefault(HISTORY, [])
 
@@ -185,40 +183,7 @@ with tab_gen:
         ui.show_error(st.session_state["gen_error"])
     result = st.session_state.get(RESULT)
     if result is not None and run is None:
-        if result.mode == "text":
-            with st.container(key="gen_output", border=True):
-                st.markdown(
-                    f"<span style='opacity:.55'>{html.escape(result.prompt)}</span>"
-                    f"<b>{html.escape(result.text)}</b>".replace("\n", "<br>"),
-                    unsafe_allow_html=True,
-                )
-        m = st.columns(6)
-        m[0].metric("Tokens", len(result.tokens))
-        m[1].metric("Finish", result.finish_reason)
-        m[2].metric("Log-prob", f"{result.logprob:.2f}")
-        m[3].metric("Perplexity", f"{result.perplexity:.2f}" if result.perplexity else "–")
-        tps = result.tokens_per_second
-        m[4].metric("Tokens/s", f"{tps:.1f}" if tps else "–")
-        ttft = result.first_token_seconds
-        m[5].metric("First token", f"{ttft:.2f} s" if ttft is not None else "–")
-        if result.dropped_prompt_tokens:
-            st.warning(
-                f"The prompt was too long: its first {result.dropped_prompt_tokens} tokens were "
-                "dropped to fit the context window."
-            )
-        st.caption(
-            f"Seed {result.settings.seed} · model {result.provenance.model} · "
-            f"fingerprint {result.provenance.fingerprint[:23]}…"
-        )
-        st.markdown("**Tokens** (colour = probability; hover for the top alternatives)")
-        st.markdown(token_html(result.tokens), unsafe_allow_html=True)
-        with st.expander("Token table"):
-            st.dataframe(pd.DataFrame(result.token_rows()), hide_index=True, width="stretch")
-        d1, d2 = st.columns(2)
-        d1.download_button(
-            "Export run (JSON)", result.to_json(), "generation.json", "application/json"
-        )
-        d2.download_button("Export tokens (CSV)", result.to_csv(), "tokens.csv", "text/csv")
+        renderers.render(result, "gen")
 
 with tab_eval:
     st.subheader("Perplexity of a text")
@@ -234,8 +199,7 @@ with tab_eval:
         ui.show_error(st.session_state[PPL_ERROR])
     ppl = st.session_state.get(PPL_RESULT)
     if ppl is not None:
-        st.metric("Perplexity", f"{ppl.perplexity:.2f}", help="exp(mean negative log-likelihood)")
-        st.caption(f"{len(ppl.token_logprobs)} tokens scored · mean NLL {ppl.mean_nll:.3f} nats")
+        renderers.render(ppl, "eval_ppl")
     st.subheader("BLEU and chrF against a reference")
     last = st.session_state.get(RESULT)
     hyp = st.text_area(
@@ -244,11 +208,7 @@ with tab_eval:
     ref = st.text_area("Reference", key="eval_ref", height=80)
     if st.button("Score", key="eval_score"):
         with ui.guard():
-            scores = overlap_scores(hyp, ref)
-        a, b = st.columns(2)
-        a.metric("BLEU", f"{scores.bleu:.2f}")
-        b.metric("chrF", f"{scores.chrf:.2f}")
-        st.caption(f"sacrebleu {scores.bleu_signature} · {scores.chrf_signature}")
+            renderers.render(overlap_scores(hyp, ref), "eval_scores")
 
 with tab_compare:
     options = [e.name for e in wb.catalog() if e.kind in GENERATIVE_KINDS]
@@ -271,17 +231,4 @@ with tab_compare:
         ui.show_error(st.session_state[COMPARE_ERROR])
     comparison = st.session_state.get(COMPARISON)
     if comparison is not None:
-        cols = st.columns(len(comparison.outcomes))
-        for col, outcome in zip(cols, comparison.outcomes, strict=True):
-            with col, st.container(border=True):
-                st.markdown(f"**{outcome.model}**")
-                if outcome.error:
-                    ui.show_error(outcome.error)
-                else:
-                    r = outcome.result
-                    st.markdown(html.escape(r.text).replace("\n", "<br>"), unsafe_allow_html=True)
-                    ppl_text = f"{r.perplexity:.2f}" if r.perplexity else "–"
-                    st.caption(
-                        f"{len(r.tokens)} tokens · {r.finish_reason} · perplexity {ppl_text}"
-                    )
-                    st.markdown(token_html(r.tokens), unsafe_allow_html=True)
+        renderers.render(comparison, "cmp")

@@ -118,17 +118,9 @@ def cell_result(workbench, cell: Cell) -> Any:
         path = workbench.notebooks.imported_result(cell.run_id)
     if path is None:
         return None
-    if path.suffix == ".npz":
-        from engine.attention import AttentionResult
+    from engine.result_types import load_result_file
 
-        return AttentionResult.load_npz(path)
-    import json
-
-    from engine.ledger import result_class
-
-    data = json.loads(path.read_text())
-    cls = result_class(data.get("type"))
-    return cls.from_dict(data) if cls is not None else data
+    return load_result_file(path)
 
 
 def outputs_of(cell: Cell, result: Any) -> dict:
