@@ -76,7 +76,9 @@ st.dataframe(
 
 st.subheader("Model store")
 st.caption(f"Folder: `{wb.store.root}`")
-entries = wb.store.entries()
+entries, damaged = wb.store.scan()
+for bad in damaged:
+    st.warning(f"Damaged store entry {bad.name!r}: {bad.reason}", icon="⚠️")
 if entries:
     st.dataframe(
         pd.DataFrame(
