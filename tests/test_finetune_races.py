@@ -152,3 +152,14 @@ def test_a_second_worker_on_a_running_job_is_refused(home, tiny_models, clf_data
     assert done.status == "completed", jobs.log_tail(job.id)
     assert train_steps(jobs, job.id) == list(range(1, done.total_steps + 1))
     assert ModelStore(home).names() == {"tiny-sentiment"}
+
+
+def test_racing_ensure_trains_the_demo_classifier_once(home, tiny_models, clf_data):
+    from engine.finetune.recipes import ensure_sentiment_classifier
+
+    spec = clf_spec(tiny_models["classifier"], clf_data, out="demo")
+    before = set(jobs_module._children)
+    outcomes = race(4, lambda _i: ensure_sentiment_classifier(home, spec, timeout_s=120))
+    assert outcomes == ["demo"] * 4, outcomes  # the losers waited for the winner's job
+    assert len(JobStore(home).list()) == 1 and len(new_workers(before)) == 1
+    assert ModelStore(home).verify("demo")

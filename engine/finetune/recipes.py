@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InputError
 from engine.finetune.config import JobSpec, TrainConfig
 from engine.finetune.data import load, sample_path
 from engine.finetune.jobs import JobStore
@@ -45,7 +45,11 @@ def _current(store: ModelStore, spec: JobSpec) -> bool:
 def ensure_sentiment_classifier(
     home: str | Path | None = None, spec: JobSpec | None = None, timeout_s: float = 900
 ) -> str:
-    """Store name of the demo classifier in ``home``'s store, trained first if missing or stale."""
+    """Store name of the demo classifier in ``home``'s store, trained first if missing or stale.
+
+    Safe to call from several processes at once (test workers sharing one store): one of them
+    trains, the others wait for that job instead of training the same model again.
+    """
     spec = spec or sentiment_spec()
     jobs = JobStore(home)
     store = ModelStore(jobs.home)
@@ -53,7 +57,16 @@ def ensure_sentiment_classifier(
         return spec.out
     if spec.out in store.names():
         store.remove(spec.out)
-    info = jobs.wait(jobs.submit(spec).id, timeout_s=timeout_s)
+    try:
+        job_id = jobs.submit(spec).id
+    except InputError:  # another process got the name first: wait for its job
+        if _current(store, spec):
+            return spec.out
+        busy = [j for j in jobs.list() if j.out == spec.out and j.active]
+        if not busy:
+            raise
+        job_id = busy[0].id
+    info = jobs.wait(job_id, timeout_s=timeout_s)
     if info.status != "completed":
         raise EngineError(
             f"Training {spec.out} failed ({info.status}: {info.error}); see {info.folder}/log.txt."
