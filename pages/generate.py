@@ -85,6 +85,7 @@ def collect(run_key: str, result_key: str, error_key: str):
     snap = run.snapshot()
     if snap.result is not None:
         st.session_state[result_key] = snap.result
+        st.session_state[f"{result_key}_run_id"] = run.id
     else:
         st.session_state[error_key] = snap.error
     return None
@@ -184,6 +185,7 @@ with tab_gen:
     result = st.session_state.get(RESULT)
     if result is not None and run is None:
         renderers.render(result, "gen")
+        ui.add_to_notebook(st.session_state.get(f"{RESULT}_run_id"), "gen_add_to_notebook")
 
 with tab_eval:
     st.subheader("Perplexity of a text")
@@ -200,6 +202,7 @@ with tab_eval:
     ppl = st.session_state.get(PPL_RESULT)
     if ppl is not None:
         renderers.render(ppl, "eval_ppl")
+        ui.add_to_notebook(st.session_state.get(f"{PPL_RESULT}_run_id"), "ppl_add_to_notebook")
     st.subheader("BLEU and chrF against a reference")
     last = st.session_state.get(RESULT)
     hyp = st.text_area(
@@ -232,3 +235,4 @@ with tab_compare:
     comparison = st.session_state.get(COMPARISON)
     if comparison is not None:
         renderers.render(comparison, "cmp")
+        ui.add_to_notebook(st.session_state.get(f"{COMPARISON}_run_id"), "cmp_add_to_notebook")

@@ -85,6 +85,29 @@ def poll_run(key: str, draw, every: float = POLL_S) -> None:
     st.fragment(body, run_every=every)()
 
 
+ACTIVE_NOTEBOOK = "nb_active"
+
+
+def add_to_notebook(run_id: str | None, key: str) -> None:
+    """An "Add to notebook" button: the finished run becomes a cell of the active notebook
+    (the one last opened on the Notebook page; a new "My notebook" when there is none)."""
+    if not run_id:
+        return
+    if not st.button("Add to notebook", key=key, icon=":material/playlist_add:"):
+        return
+    from engine.notebooks import cells_from_runs
+
+    wb = engine()
+    with guard():
+        active = st.session_state.get(ACTIVE_NOTEBOOK)
+        known = {i.id for i in wb.notebooks.list() if not i.damaged}
+        if active not in known:
+            active = wb.notebooks.create("My notebook").id
+            st.session_state[ACTIVE_NOTEBOOK] = active
+        book = cells_from_runs(wb, active, [run_id])
+    st.success(f"Added to notebook {book.name!r} as cell {len(book.cells)}.")
+
+
 def selected_model_name() -> str:
     return st.session_state.get(MODEL_KEY) or DEFAULT_MODEL
 

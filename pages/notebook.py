@@ -1,0 +1,334 @@
+"""Notebook: every run is a saved, re-runnable cell.
+
+Pick or create a notebook; add cells (a note, a generation, an evaluation, a comparison,
+attention, an explanation, a classification); run one cell or all of them in the background;
+every result is kept in the run ledger and shown again after a restart without recomputing.
+``?notebook=ID`` opens a read-only snapshot that can be forked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from workbench import renderers, ui
+
+RUN = "nb_run"  # the cell run or Run all going on (one at a time per session)
+RUN_ERROR = "nb_run_error"
+ACTIVE = "nb_active"
+EDITING = "nb_editing"  # id of the cell whose editor is open
+KIND_LABELS = {
+    "markdown": "Note",
+    "generate": "Generate",
+    "evaluate": "Evaluate",
+    "compare": "Compare models",
+    "attention": "Attention",
+    "explain": "Explain",
+    "classify": "Classify",
+}
+
+st.title("Notebook")
+wb = ui.engine()
+
+from engine.notebooks import (  # noqa: E402  (after the engine spinner)
+    OUTPUTS,
+    Ref,
+    cell_result,
+    start_all,
+    start_cell,
+)
+
+store = wb.notebooks
+shared_id = st.query_params.get("notebook")
+readonly = bool(shared_id)
+
+
+# --- which notebook -------------------------------------------------------------------------
+def _pick_notebook() -> str | None:
+    infos = [i for i in store.list() if not i.damaged]
+    for bad in (i for i in store.list() if i.damaged):
+        st.warning(f"Notebook file {bad.id}.json cannot be opened: {bad.damaged}", icon="⚠️")
+    with st.sidebar.expander("Notebooks", expanded=not infos):
+        name = st.text_input("New notebook", key="nb_new_name", placeholder="Name")
+        if st.button("Create", key="nb_create") and name.strip():
+            with ui.guard():
+                st.session_state[ACTIVE] = store.create(name).id
+            st.rerun()
+    if not infos:
+        st.info("No notebook yet: create one in the sidebar (Notebooks → New notebook).")
+        return None
+    ids = [i.id for i in infos]
+    labels = {i.id: f"{i.name} · {i.cells} cells" for i in infos}
+    current = st.session_state.get(ACTIVE)
+    index = ids.index(current) if current in ids else 0
+    chosen = st.selectbox("Notebook", ids, index=index, format_func=labels.get, key="nb_pick")
+    st.session_state[ACTIVE] = chosen
+    return chosen
+
+
+if readonly:
+    with ui.guard():
+        book = store.get(shared_id)
+    st.info("Read-only snapshot. Fork it to edit and re-run.", icon="🔒")
+    if st.button("Fork (editable copy)", key="nb_fork"):
+        with ui.guard():
+            copy = store.duplicate(book.id, f"{book.name} (fork)")
+        st.session_state[ACTIVE] = copy.id
+        st.query_params.clear()
+        st.rerun()
+else:
+    notebook_id = _pick_notebook()
+    if notebook_id is None:
+        st.stop()
+    with ui.guard():
+        book = store.get(notebook_id)
+
+# --- notebook actions -----------------------------------------------------------------------
+run = st.session_state.get(RUN)
+if run is not None and run.done:
+    st.session_state.pop(RUN)
+    snap = run.snapshot()
+    if snap.error and not snap.cancelled:
+        st.session_state[RUN_ERROR] = snap.error
+    run = None
+    book = store.get(book.id)
+
+if not readonly:
+    with st.expander("Notebook: rename, duplicate, share, delete"):
+        c1, c2, c3 = st.columns(3)
+        new_name = c1.text_input("Name", value=book.name, key=f"nb_rename::{book.id}")
+        if c1.button("Rename", key="nb_rename_go") and new_name != book.name:
+            with ui.guard():
+                store.rename(book.id, new_name)
+            st.rerun()
+        if c2.button("Duplicate", key="nb_duplicate"):
+            with ui.guard():
+                st.session_state[ACTIVE] = store.duplicate(book.id).id
+            st.rerun()
+        c2.caption(f"Share (read-only): `?notebook={book.id}`")
+        if c3.button("Delete this notebook", key="nb_delete", type="secondary"):
+            store.delete(book.id)
+            st.session_state.pop(ACTIVE, None)
+            st.rerun()
+    left, right, _ = st.columns([1, 1, 4])
+    if left.button("Run all", key="nb_run_all", type="primary", disabled=run is not None):
+        st.session_state.pop(RUN_ERROR, None)
+        with ui.guard():
+            st.session_state[RUN] = start_all(wb, book.id)
+        st.rerun()
+    if run is not None and right.button("Stop", key="nb_stop"):
+        run.cancel()
+
+ui.poll_run(RUN, lambda r: ui.run_progress(r, key="nb_progress_stop"), every=1.0)
+if st.session_state.get(RUN_ERROR):
+    ui.show_error(st.session_state[RUN_ERROR])
+
+
+# --- cells ----------------------------------------------------------------------------------
+def _models(kinds: tuple[str, ...]) -> list[str]:
+    names = [e.name for e in wb.catalog() if e.kind in kinds]
+    current = ui.selected_model_name()
+    return names if current in names else [current, *names]
+
+
+def _ref_picker(label: str, cells_above, key: str, kinds=("generate",)) -> Ref | None:
+    """ "Use the output of cell N" for a field, or None to type it."""
+    options = [None] + [
+        (c.id, out) for c in cells_above if c.kind in kinds for out in OUTPUTS.get(c.kind, {})
+    ]
+    position = {c.id: i + 1 for i, c in enumerate(book.cells)}
+
+    def fmt(option) -> str:
+        if option is None:
+            return "type it here"
+        cell_id, out = option
+        return f"cell {position[cell_id]}: {OUTPUTS['generate' if out != 'model' else 'finetune'][out]}"
+
+    chosen = st.selectbox(label, options, format_func=fmt, key=key)
+    return Ref(*chosen) if chosen else None
+
+
+def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[dict, dict] | None:
+    """Widgets for a cell's spec; returns (spec, refs) when the form is submitted."""
+    spec, refs = dict(spec), dict(refs)
+    with st.container(key=f"{key}_editor"):
+        if kind == "markdown":
+            spec["text"] = st.text_area("Note (Markdown)", spec.get("text", ""), key=f"{key}_md")
+        if kind in ("generate", "evaluate", "attention", "explain", "classify"):
+            wanted = ("classifier",) if kind == "classify" else ("causal-lm", "seq2seq", "encoder")
+            names = _models(wanted)
+            model = spec.get("model") or names[0]
+            names = names if model in names else [model, *names]
+            spec["model"] = st.selectbox("Model", names, index=names.index(model), key=f"{key}_m")
+        if kind == "compare":
+            names = _models(("causal-lm", "seq2seq"))
+            spec["models"] = st.multiselect(
+                "Models",
+                names,
+                default=[m for m in spec.get("models", []) if m in names],
+                key=f"{key}_ms",
+            )
+        field = {"generate": "prompt", "compare": "prompt"}.get(kind, "text")
+        if kind != "markdown":
+            ref = _ref_picker(f"{field.capitalize()} from", cells_above, f"{key}_ref")
+            if ref is None:
+                refs.pop(field, None)
+                spec[field] = st.text_area(field.capitalize(), spec.get(field, ""), key=f"{key}_t")
+            else:
+                refs[field] = ref
+        if kind == "explain":
+            target_ref = _ref_picker("Target from", cells_above, f"{key}_tref")
+            if target_ref is None:
+                refs.pop("target", None)
+                spec["target"] = st.text_input(
+                    "Target continuation (empty = the model's next token)",
+                    spec.get("target", ""),
+                    key=f"{key}_target",
+                )
+            else:
+                refs["target"] = target_ref
+            spec["method"] = st.text_input(
+                "Method", spec.get("method", "integrated_gradients"), key=f"{key}_method"
+            )
+        if kind == "evaluate":
+            spec["metric"] = "perplexity"
+        if kind in ("generate", "compare"):
+            settings = dict(spec.get("settings") or {"max_new_tokens": 32, "greedy": True})
+            c1, c2, c3 = st.columns(3)
+            settings["max_new_tokens"] = int(
+                c1.number_input(
+                    "Max new tokens",
+                    1,
+                    4096,
+                    int(settings.get("max_new_tokens", 32)),
+                    key=f"{key}_n",
+                )
+            )
+            settings["greedy"] = c2.toggle(
+                "Greedy", bool(settings.get("greedy", True)), key=f"{key}_g"
+            )
+            seed = c3.text_input(
+                "Seed (empty = random)", str(settings.get("seed") or ""), key=f"{key}_seed"
+            )
+            settings["seed"] = int(seed) if seed.strip().isdigit() else None
+            spec["settings"] = settings
+        if st.button("Save cell", type="primary", key=f"{key}_save"):
+            return spec, refs
+    return None
+
+
+def cell_header(position: int, cell) -> None:
+    badges = []
+    if cell.stale:
+        badges.append(":orange-badge[stale: an upstream cell changed]")
+    if cell.status == "failed":
+        badges.append(":red-badge[failed]")
+    elif cell.status == "done" and cell.kind != "markdown":
+        badges.append(":green-badge[done]")
+    elif cell.kind != "markdown":
+        badges.append(":gray-badge[not run]")
+    refs = ", ".join(
+        f"{key} ← cell {book.index(ref.cell) + 1} ({ref.output})" for key, ref in cell.refs.items()
+    )
+    st.markdown(
+        f"**{position}. {KIND_LABELS.get(cell.kind, cell.kind)}** "
+        + " ".join(badges)
+        + (f"  \n<small>uses {refs}</small>" if refs else ""),
+        unsafe_allow_html=True,
+    )
+
+
+def cell_actions(cell) -> None:
+    cols = st.columns(7)
+    busy = run is not None
+    if cell.kind != "markdown" and cols[0].button("Run", key=f"run_{cell.id}", disabled=busy):
+        st.session_state.pop(RUN_ERROR, None)
+        with ui.guard():
+            st.session_state[RUN] = start_cell(wb, book.id, cell.id)
+        st.rerun()
+    if cols[1].button("Edit", key=f"edit_{cell.id}"):
+        st.session_state[EDITING] = None if st.session_state.get(EDITING) == cell.id else cell.id
+        st.rerun()
+    for col, label, step in ((cols[2], "↑", -1), (cols[3], "↓", 1)):
+        if col.button(label, key=f"mv{step}_{cell.id}", disabled=busy):
+            with ui.guard():
+                store.move_cell(book.id, cell.id, step)
+            st.rerun()
+    if cols[4].button("Duplicate", key=f"dup_{cell.id}", disabled=busy):
+        with ui.guard():
+            store.duplicate_cell(book.id, cell.id)
+        st.rerun()
+    if cols[5].button("Delete", key=f"del_{cell.id}", disabled=busy):
+        with ui.guard():
+            store.delete_cell(book.id, cell.id)
+        st.rerun()
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _stored_result(home: str, run_id: str, _cell):
+    """A cell's stored result, read once per run id (a recorded result never changes)."""
+    return cell_result(wb, _cell)
+
+
+for position, cell in enumerate(book.cells, 1):
+    with st.container(border=True, key=f"cell_{cell.id}"):
+        cell_header(position, cell)
+        if not readonly:
+            cell_actions(cell)
+            if st.session_state.get(EDITING) == cell.id:
+                saved = editor(cell.kind, cell.spec, cell.refs, book.cells[: position - 1], cell.id)
+                if saved is not None:
+                    with ui.guard():
+                        store.edit_cell(book.id, cell.id, *saved)
+                    st.session_state[EDITING] = None
+                    st.rerun()
+        if cell.kind == "markdown":
+            st.markdown(cell.spec.get("text", ""))
+            continue
+        if cell.error and cell.status != "done":
+            ui.show_error(cell.error)
+        if cell.run_id:
+            result = _stored_result(str(wb.home), cell.run_id, cell)
+            if result is None:
+                st.caption("The stored result of this cell's run is missing from the ledger.")
+            else:
+                renderers.render(result, f"nb_{cell.id}")
+                st.caption(f"Run `{cell.run_id}` · `workbench rerun {cell.run_id}` reproduces it")
+
+# --- add a cell -----------------------------------------------------------------------------
+if not readonly:
+    st.divider()
+    kind = st.selectbox(
+        "Add a cell", list(KIND_LABELS), format_func=KIND_LABELS.get, key="nb_add_kind"
+    )
+    added = editor(kind, {}, {}, book.cells, f"new_{kind}")
+    if added is not None:
+        with ui.guard():
+            store.add_cell(book.id, kind, added[0], added[1])
+        st.rerun()
+    with st.expander("Export"):
+        from engine.notebooks import export as exporter
+
+        e1, e2, e3 = st.columns(3)
+        e1.download_button(
+            "JSON bundle",
+            json.dumps(exporter.bundle(book, wb.ledger), ensure_ascii=False),
+            f"{book.name}.json",
+            "application/json",
+            key="nb_export_json",
+        )
+        e2.download_button(
+            "Jupyter (.ipynb)",
+            exporter.to_ipynb(book, wb.ledger),
+            f"{book.name}.ipynb",
+            "application/x-ipynb+json",
+            key="nb_export_ipynb",
+        )
+        e3.download_button(
+            "HTML audit report",
+            exporter.to_html(book, wb.ledger, wb),
+            f"{book.name}.html",
+            "text/html",
+            key="nb_export_html",
+        )
