@@ -24,6 +24,7 @@ PAGE_TABLE = [
     ("attention.py", "Attention", ":material/visibility:", "attention"),
     ("attribution.py", "Explain", ":material/insights:", "explain"),
     ("finetune.py", "Fine-tune", ":material/tune:", "finetune"),
+    ("history.py", "History", ":material/history:", "history"),
     ("models.py", "Models & system", ":material/storage:", "models"),
 ]
 PAGES = [
