@@ -85,3 +85,38 @@ def test_full_disk_at_a_checkpoint_fails_the_job_with_one_line_and_no_partial_fi
     assert capsys.readouterr().err.strip() == f"job {job.id} failed: {info.error}"
     assert cli(["finetune", "--status", job.id, "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["error"] == info.error
+
+
+class FullDiskSaver:
+    """Writes half an adapter file, then fails as ``error`` (a full disk)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def save_pretrained(self, folder) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"half")
+        raise self.error
+
+
+class FakeSafetensorError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left on device"), FakeSafetensorError("No space left on device (os error 28)")],
+)  # fmt: skip
+def test_full_disk_saving_an_adapter_keeps_the_old_one_and_leaves_no_partial_folder(
+    tmp_path, error
+):
+    from engine.files import DiskError
+    from engine.finetune.train import save_adapter
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "adapter_config.json").write_text("{}")  # from an earlier save
+    with pytest.raises(DiskError, match="No space left on the device while writing the LoRA"):
+        save_adapter(target, FullDiskSaver(error), tokenizer=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in target.iterdir()] == ["adapter_config.json"]

@@ -10,6 +10,7 @@ is atomic (``engine.files``, ``ModelStore.write``): a full disk ends the job wit
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -567,12 +568,7 @@ def export(
         return result
 
     if cfg.lora:
-        try:
-            model.save_pretrained(folder / "adapter")
-            tokenizer.save_pretrained(folder / "adapter")
-        except OSError as exc:
-            shutil.rmtree(folder / "adapter", ignore_errors=True)
-            raise disk_error(exc, "the LoRA adapter") from exc
+        save_adapter(folder / "adapter", model, tokenizer)
         if not cfg.merge_lora:
             return finish(None, None)
         model = model.merge_and_unload()
@@ -609,6 +605,26 @@ def export(
         extra=extra,
     )
     return finish(entry.name, entry.manifest.fingerprint)
+
+
+def save_adapter(target: Path, model, tokenizer) -> None:
+    """Save a LoRA adapter folder atomically: written next to ``target``, then renamed over it.
+    A full disk raises a one-line ``DiskError`` and leaves no partial folder."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise disk_error(exc, "the LoRA adapter") from exc
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        if "No space left" not in str(exc):
+            raise
+        raise disk_error(OSError(errno.ENOSPC, str(exc)), "the LoRA adapter") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def merge_adapter(folder: Path, home: Path) -> FinetuneResult:
