@@ -233,6 +233,20 @@ class Workbench:
 
         return NotebookStore(self.home)
 
+    def notebook(self, name_or_id: str):
+        """A handle on a notebook (``engine.notebooks.NotebookHandle``): opened by id or name,
+        created when no notebook has that name."""
+        from engine.errors import InputError
+        from engine.notebooks import NotebookHandle
+
+        try:
+            book = self.notebooks.find(name_or_id)
+        except InputError as exc:
+            if not str(exc).startswith("No notebook"):
+                raise
+            book = self.notebooks.create(name_or_id)
+        return NotebookHandle(self, book.id)
+
     @functools.cached_property
     def ledger(self) -> Ledger:
         """The run ledger under ``home`` (every run of this workbench is recorded there)."""

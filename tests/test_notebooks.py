@@ -163,3 +163,60 @@ def test_export_bundle_imports_as_a_new_notebook(wb, tiny_models):
     ]
     forked = wb.notebooks.duplicate(book.id)
     assert forked.forked_from == book.id and forked.cells == wb.notebooks.get(book.id).cells
+
+
+def test_python_notebook_handle(wb, tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    book = wb.notebook("Python")
+    gen = book.add(
+        "generate", model=model, prompt=PROMPT, settings={"max_new_tokens": 4, "greedy": True}
+    )
+    book.add("evaluate", model=model, metric="perplexity", refs={"text": Ref(gen.id, "text")})
+    book.run_all(timeout=120)
+    assert wb.notebook("Python").id == book.id  # opened again by name, not created twice
+    text = book.result(gen.id).text
+    assert text == wb.load(model).generate(PROMPT, max_new_tokens=4, greedy=True).text
+    out = book.export(tmp_path / "python.html")
+    assert "Cell 2" in out.read_text()
+    with pytest.raises(InputError, match="format"):
+        book.export(tmp_path / "x.pdf")
+
+
+def test_kill_9_while_writing_a_notebook_leaves_it_readable(wb, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import REPO
+
+    book = wb.notebooks.create("crash")
+    script = textwrap.dedent(
+        f"""
+        from engine.notebooks import NotebookStore
+        store = NotebookStore({str(wb.home)!r})
+        i = 0
+        while True:
+            store.add_cell({book.id!r}, "markdown", {{"text": "x" * 20000 + str(i)}})
+            i += 1
+            if i == 3:
+                print("writing", flush=True)
+            if i % 20 == 0:
+                for cell in store.get({book.id!r}).cells[:10]:
+                    store.delete_cell({book.id!r}, cell.id)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    import time
+
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    cells = wb.notebooks.get(book.id).cells  # parses: never half a file
+    assert len(cells) >= 3
+    wb.notebooks.add_cell(book.id, "markdown", {"text": "after the crash"})  # lock not stuck
+    assert wb.notebooks.get(book.id).cells[-1].spec["text"] == "after the crash"

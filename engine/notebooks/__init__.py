@@ -29,6 +29,7 @@ from engine.notebooks.execute import (
     start_cell,
     wait_all,
 )
+from engine.notebooks.handle import NotebookHandle
 
 __all__ = [
     "KINDS",
@@ -36,6 +37,7 @@ __all__ = [
     "Cell",
     "Notebook",
     "NotebookError",
+    "NotebookHandle",
     "NotebookInfo",
     "NotebookStore",
     "Ref",
