@@ -12,7 +12,8 @@ import streamlit as st
 
 from workbench import renderers, ui
 
-RUN, RESULT, HISTORY = "gen_run", "gen_result", "gen_history"
+RUN, RESULT, HISTORIES = "gen_run", "gen_result", "gen_histories"
+RUN_PRESET = "gen_run_preset"  # the preset whose conversation the running reply belongs to
 COMPARE_RUN, COMPARISON, COMPARE_ERROR = "gen_compare_run", "gen_comparison", "gen_compare_error"
 PPL_RUN, PPL_RESULT, PPL_ERROR = "eval_ppl_run", "eval_ppl_result", "eval_ppl_error"
 IDLE_S = 30.0  # a run nobody polls for this long (closed tab) stops itself
@@ -30,7 +31,13 @@ from engine.generation import (  # noqa: E402
 from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
 from engine.generation.evaluation import overlap_scores  # noqa: E402
 
-st.session_state.setdefault(HISTORY, [])
+st.session_state.setdefault(HISTORIES, {})
+
+
+def history(preset_name: str) -> list[tuple[str, str]]:
+    """The conversation of one chat preset (each preset keeps its own: no turns leak between
+    "Chat" and "Translate")."""
+    return st.session_state[HISTORIES].setdefault(preset_name, [])
 
 
 def read_settings() -> GenerationSettings:
@@ -97,7 +104,7 @@ run = collect(RUN, RESULT, "gen_error")
 if had_run and run is None:
     done = st.session_state.get(RESULT)
     if done is not None and done.mode == "chat" and "gen_error" not in st.session_state:
-        st.session_state[HISTORY].append(("assistant", done.text))
+        history(st.session_state.get(RUN_PRESET, "")).append(("assistant", done.text))
 
 with tab_gen:
     home = wb.home
@@ -133,11 +140,14 @@ with tab_gen:
 
     if chat_mode:
         st.text_input("System message (optional)", key="gen_system")
-        for role, content in st.session_state[HISTORY]:
+        turns = history(preset.name)
+        if turns:
+            st.caption(f"Conversation with the {preset.name!r} preset")
+        for role, content in turns:
             with st.chat_message(role):
                 st.markdown(content)
-        if st.session_state[HISTORY] and st.button("Clear conversation"):
-            st.session_state[HISTORY] = []
+        if turns and st.button("Clear conversation"):
+            turns.clear()
             st.session_state.pop(RESULT, None)
             st.rerun()
     prompt_label = "Your message" if chat_mode else "Prompt"
@@ -156,9 +166,10 @@ with tab_gen:
             if preset.mode == "chat":
                 message = presets_mod.Preset(preset.name, template, "chat").render(user_text)
                 system = st.session_state.get("gen_system", "")
-                messages = conversation(st.session_state[HISTORY], message, system)
+                messages = conversation(history(preset.name), message, system)
                 run = model.start_generation(message, settings, messages, idle_timeout_s=IDLE_S)
-                st.session_state[HISTORY].append(("user", message))
+                history(preset.name).append(("user", message))
+                st.session_state[RUN_PRESET] = preset.name
             else:
                 prompt = presets_mod.Preset(preset.name, template, "text").render(user_text)
                 run = model.start_generation(prompt, settings, idle_timeout_s=IDLE_S)
@@ -189,6 +200,9 @@ with tab_gen:
 
 with tab_eval:
     st.subheader("Perplexity of a text")
+    last = st.session_state.get(RESULT)
+    if last is not None and not st.session_state.get("eval_text"):
+        st.session_state["eval_text"] = (last.model_input or last.prompt) + last.text
     text = st.text_area("Text to score", key="eval_text", height=100)
     ppl_run = collect(PPL_RUN, PPL_RESULT, PPL_ERROR)
     if st.button("Compute perplexity", key="eval_ppl", disabled=ppl_run is not None):

@@ -164,8 +164,14 @@ def test_chat_preset_keeps_history(app):
     app.button(key="gen_go").click().run()
     wait_for_result(app)
     app.run()
-    history = app.session_state["gen_history"]
+    history = app.session_state["gen_histories"]["Chat"]
     assert [r for r, _ in history] == ["user", "assistant"]
+    assert len(app.chat_message) == 2
+    # another chat-style preset starts its own conversation: no earlier turns leak into it
+    app.selectbox(key="gen_preset").set_value("Translate to French").run()
+    assert app.text_input(key="gen_system")  # a chat-mode preset, with no turns of its own
+    assert len(app.chat_message) == 0
+    app.selectbox(key="gen_preset").set_value("Chat").run()
     assert len(app.chat_message) == 2
 
 

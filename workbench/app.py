@@ -11,7 +11,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from workbench import ui
+from engine.store import workbench_home
+from workbench import persist, ui
 
 PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
 
@@ -58,6 +59,7 @@ def collect_garbage_now_and_then(every_s: float = FULL_COLLECTION_EVERY_S) -> bo
 
 
 collect_garbage_now_and_then()
+persist.keep(workbench_home())  # before any widget: settings survive page changes and reloads
 navigation = st.navigation(PAGES)
 st.sidebar.markdown("### :material/science: LLMOS Workbench")
 ui.model_picker()

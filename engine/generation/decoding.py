@@ -38,13 +38,17 @@ class TokenStep:
     """One generated token: id, decoded text, log-probability and the top alternatives.
 
     ``alternatives`` are the most likely tokens at that step (best first, the chosen token
-    included when it is among them), under the model's raw distribution.
+    included when it is among them), under the model's raw distribution. ``display`` is what
+    this token adds to the decoded text: byte-level pieces of one character (emoji, Hebrew,
+    Arabic) decode alone to "\ufffd", so the first pieces add "" and the last adds the whole
+    character; None when unknown (then ``text`` is shown).
     """
 
     id: int
     text: str
     logprob: float
     alternatives: tuple[Alternative, ...] = ()
+    display: str | None = None
 
     @property
     def prob(self) -> float:
@@ -112,6 +116,7 @@ class Observer(StoppingCriteria):
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
         self._decoded: dict[int, str] = {}
+        self._stable = ""  # the decoded text so far, without a trailing incomplete character
 
     def _piece(self, token_id: int) -> str:
         piece = self._decoded.get(token_id)
@@ -131,11 +136,14 @@ class Observer(StoppingCriteria):
         alternatives = tuple(
             Alternative(i, self._piece(i), v) for v, i in zip(values, indices, strict=True)
         )
-        step = TokenStep(token_id, self._piece(token_id), logprob, alternatives)
-        self.steps.append(step)
         self.ids.append(token_id)
         with self.tokenizer_lock:
             text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        stable = text.rstrip("\ufffd")
+        display = stable[len(self._stable) :] if stable.startswith(self._stable) else None
+        self._stable = stable
+        step = TokenStep(token_id, self._piece(token_id), logprob, alternatives, display)
+        self.steps.append(step)
         stop = False
         for sequence in self.stop_sequences:
             at = text.find(sequence)
