@@ -1,12 +1,15 @@
 """Attention: where each head looks (bertviz offline, heatmaps, head statistics, comparison).
 
-The model runs once per click in a worker thread; its result stays in session state, and the
-explorer below is a fragment, so changing the layer, head or view never runs the model again.
+"Show attention" starts one engine run (``engine.attention.start_attention``): the inputs are
+checked against the model's context length and the result's memory is reserved before it
+starts. The run is the only thing kept in session state (its result's reservation is freed
+when it is replaced); a fragment draws its snapshot while it goes (progress, "waiting for the
+model", Cancel). Its error stays on the page until the next run, and its result is always shown
+with the input it belongs to. The explorer is a fragment: changing the layer, head or view
+never runs the model again.
 """
 
 from __future__ import annotations
-
-import threading
 
 import pandas as pd
 import streamlit as st
@@ -14,12 +17,13 @@ import streamlit as st
 from engine.errors import EngineError
 from workbench import ui
 
-RESULTS = "attention_results"  # list of (label, AttentionResult)
-STATS = "attention_stats"  # list of HeadStatistics, computed once with the results
-JOB = "attention_job"
+RUN = "attention_run"  # the current Run: the only reference to its result
+REFUSED = "attention_refused"  # (message, AttentionRequest) of a run refused before it started
+PREFS = "attention_view_prefs"  # the explorer's last choices (see _kept)
 LAST_GENERATION = "gen_result"  # the Generate page's GenerationResult (prompt + continuation)
 DEFAULT_TEXT = "The cat sat on the mat because it was tired."
 DEFAULT_PAIR = "The cat sat on the mat because it was hungry."
+POLL_S = 0.75  # how often the progress fragment redraws while a run goes (never otherwise)
 
 st.title("Attention")
 st.caption(
@@ -40,11 +44,16 @@ def _last_generation() -> str | None:
     return (prompt + getattr(last, "text", "")) or None
 
 
+def _md(text: str) -> str:
+    """``text`` shown literally inside Streamlit markdown (user text is not markup)."""
+    return "".join("\\" + c if c in "\\`*_{}[]()#+-.!|<>~$" else c for c in text)
+
+
 # --- inputs -------------------------------------------------------------------------------
 if _last_generation() and st.button("Use the last generation"):
     st.session_state["attn_text"] = _last_generation()
 text = st.text_area("Text", DEFAULT_TEXT, key="attn_text", height=90)
-left, right = st.columns(2)
+left, mid, right = st.columns([2, 1, 1])
 compare = left.radio(
     "Compare side by side",
     ["Off", "Another text", "Another model"],
@@ -52,14 +61,20 @@ compare = left.radio(
     key="attn_compare",
     help="A minimal pair on one model, or one text on two models.",
 )
-max_tokens = right.number_input(
+max_tokens = mid.number_input(
     "Max tokens",
     min_value=2,
     max_value=4096,
     value=1024,
     step=64,
     key="attn_max_tokens",
-    help="Longer inputs are refused (nothing is truncated silently).",
+    help="Longer inputs are refused unless truncation is chosen (nothing is cut silently).",
+)
+truncate = right.checkbox(
+    "Truncate to the model's context",
+    key="attn_truncate",
+    help="Cut a longer input to the model's context length (or Max tokens, if smaller) instead "
+    "of refusing it; the result says how many tokens were dropped.",
 )
 text_b, model_b = text, model_name
 if compare == "Another text":
@@ -69,70 +84,83 @@ elif compare == "Another model":
     model_b = st.selectbox("Second model", names, key="attn_model_b")
 
 
-def _runs() -> list[tuple[str, str, str]]:
+def _sides() -> tuple[tuple[str, str, str], ...]:
     """(label, model, text) for each side."""
     if compare == "Another text":
-        return [("A", model_name, text), ("B", model_name, text_b)]
+        return (("A", model_name, text), ("B", model_name, text_b))
     if compare == "Another model":
-        return [(model_name, model_name, text), (model_b, model_b, text)]
-    return [(model_name, model_name, text)]
+        return ((model_name, model_name, text), (model_b, model_b, text))
+    return ((model_name, model_name, text),)
 
 
-def _start(runs: list[tuple[str, str, str]], limit: int) -> None:
-    """Load models here (progress bar), then run the forward passes in a worker thread."""
-    from engine.attention import AttentionSettings, head_statistics
+def _start(sides: tuple[tuple[str, str, str], ...]) -> None:
+    """Load the models here (progress bar), then start the run; a refusal stays on the page."""
+    from engine.attention import AttentionRequest, AttentionSettings, start_attention
 
-    settings = AttentionSettings(max_tokens=limit)
-    with ui.guard():
-        settings.validated()
-    models = {name: ui.load_model(name) for _, name, _ in runs}
-    job: dict = {"done": False, "results": None, "stats": None, "error": None}
-
-    def work() -> None:
-        try:
-            results = [
-                (label, models[name].attention(body, settings)) for label, name, body in runs
-            ]
-            job["stats"] = [head_statistics(r.attentions) for _, r in results]
-            job["results"] = results
-        except Exception as exc:  # reported on the page by the poller, never lost
-            job["error"] = exc
-        finally:
-            job["done"] = True
-
-    threading.Thread(target=work, name="attention", daemon=True).start()
-    st.session_state[JOB] = job
+    # drop the previous run (and with it its result and its budget reservation) first
+    st.session_state.pop(RUN, None)
+    st.session_state.pop(REFUSED, None)
+    settings = AttentionSettings(max_tokens=int(max_tokens), truncate=bool(truncate))
+    request = AttentionRequest(sides, settings)
+    models = {name: ui.load_model(name) for _, name, _ in sides}
+    jobs = [(label, models[name].loaded, body) for label, name, body in sides]
+    try:
+        st.session_state[RUN] = start_attention(jobs, settings)
+    except EngineError as exc:
+        st.session_state[REFUSED] = (str(exc), request)
 
 
-if st.button("Show attention", type="primary", disabled=JOB in st.session_state):
-    _start(_runs(), int(max_tokens))
+def _for(request) -> str:
+    return "  \n".join(_md(line) for line in request.describe().splitlines())
 
 
-def _poll() -> None:
-    job = st.session_state.get(JOB)
-    if job is None:
+def _progress() -> None:
+    """The running run's snapshot; a full rerun once it ends (to draw its result or error)."""
+    run = st.session_state.get(RUN)
+    if run is None:
         return
-    if not job["done"]:
-        st.info("Running the model (eager attention)…", icon="⏳")
-        return
-    st.session_state.pop(JOB, None)
-    if job["error"] is None:
-        st.session_state[RESULTS] = job["results"]
-        st.session_state[STATS] = job["stats"]
+    snap = run.snapshot()
+    if snap.finished:
         st.rerun()
-    with ui.guard():
-        if isinstance(job["error"], EngineError):
-            raise job["error"]
-        raise EngineError(f"Attention failed: {type(job['error']).__name__}: {job['error']}")
+    if snap.waiting:
+        st.info(snap.message, icon="⏳")
+    else:
+        st.progress(snap.fraction, text=f"{snap.message} ({snap.seconds:.0f} s)")
+    st.caption(f"For: {_for(run.spec)}")
+    if st.button("Cancel", key="attn_cancel"):
+        run.cancel()
 
 
-if JOB in st.session_state:
-    st.fragment(_poll, run_every=0.5)()
+# --- the explorer's choices, kept while a new run hides it ------------------------------
+# A widget not drawn in a script run loses its state; the explorer is hidden while a run goes,
+# so its choices (layer range, view, ...) are remembered here and given back as defaults.
+
+
+def _kept(key: str, default, valid=lambda _value: True):
+    """The default for the explorer widget ``key``: its last value if still ``valid``."""
+    if key in st.session_state and not valid(st.session_state[key]):
+        del st.session_state[key]  # e.g. a layer range beyond a smaller model's layers
+    value = st.session_state.setdefault(PREFS, {}).get(key, default)
+    return value if valid(value) else default
+
+
+def _keep(key: str, widget, *args, **kwargs):
+    """Draw ``widget(*args, key=key, **kwargs)`` and remember its value."""
+    value = widget(*args, key=key, **kwargs)
+    st.session_state.setdefault(PREFS, {})[key] = value
+    return value
+
+
+def _within(n: int):
+    """Valid (low, high) index ranges for ``n`` layers or heads."""
+    return lambda v: isinstance(v, tuple | list) and len(v) == 2 and 0 <= v[0] <= v[1] <= n - 1
 
 
 # --- explorer (a fragment: widgets here rerun only this part) -----------------------------
 @st.fragment
-def explorer(results: list, stats: list) -> None:
+def explorer() -> None:
+    """Heatmap, head table, bertviz and exports of the current run's result (read from session
+    state, not passed in, so the fragment keeps no reference to a replaced result)."""
     from engine.attention import head_table_csv
     from engine.attention.aggregate import AggregationSettings, aggregate, edges_frame, top_edges
     from engine.attention.views import (
@@ -145,21 +173,41 @@ def explorer(results: list, stats: list) -> None:
         plan_bertviz,
     )
 
+    run = st.session_state.get(RUN)
+    comparison = run.result if run is not None else None
+    if comparison is None:
+        return
+    results, stats = comparison.results, comparison.stats
     n_layers = min(r.n_layers for _, r in results)
     n_heads = min(r.n_heads for _, r in results)
     longest = max(r.n_tokens for _, r in results)
     st.subheader("Heatmap")
     c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-    layers = c1.slider("Layers (mean over the range)", 0, n_layers - 1, (0, 0), key="attn_layers")
-    heads = c2.slider("Heads (mean over the range)", 0, n_heads - 1, (0, 0), key="attn_heads")
+    layers = _keep(
+        "attn_layers",
+        c1.slider,
+        "Layers (mean over the range)",
+        0,
+        n_layers - 1,
+        _kept("attn_layers", (0, 0), _within(n_layers)),
+    )
+    heads = _keep(
+        "attn_heads",
+        c2.slider,
+        "Heads (mean over the range)",
+        0,
+        n_heads - 1,
+        _kept("attn_heads", (0, 0), _within(n_heads)),
+    )
     merge = c3.toggle("Merge sub-words into words", value=longest > 64, key="attn_merge")
-    side = c4.number_input(
+    side = _keep(
+        "attn_side",
+        c4.number_input,
         "Max rows",
         16,
         128,
-        96,
+        _kept("attn_side", 96),
         step=16,
-        key="attn_side",
         help="Longer inputs are pooled into blocks of consecutive positions (at most 128, so "
         "the heatmap stays about 1 MB).",
     )
@@ -201,11 +249,12 @@ def explorer(results: list, stats: list) -> None:
 
     st.subheader("bertviz")
     view_kind = (
-        st.segmented_control(
+        _keep(
+            "attn_bertviz_view",
+            st.segmented_control,
             "View",
             ["head", "model", "neuron"],
-            default="head",
-            key="attn_bertviz_view",
+            default=_kept("attn_bertviz_view", "head"),
             format_func=lambda v: {"head": "Head view", "model": "Model view"}.get(
                 v, "Neuron view"
             ),
@@ -242,7 +291,7 @@ def explorer(results: list, stats: list) -> None:
             "shorter text to get bertviz back.",
             icon="ℹ️",
         )
-        k = st.slider("Strongest edges", 10, 200, 40, key="attn_topk")
+        k = _keep("attn_topk", st.slider, "Strongest edges", 10, 200, _kept("attn_topk", 40))
         for col, (label, _), view in zip(st.columns(len(results)), results, views, strict=True):
             with col:
                 if len(results) > 1:
@@ -316,6 +365,66 @@ def _neuron_section(results: list, budget: int) -> int:
     return sent
 
 
-results = st.session_state.get(RESULTS)
-if results:
-    explorer(results, st.session_state[STATS])
+def _result_header(comparison, current: tuple) -> None:
+    """Which input these results belong to, and whether that is still the text above."""
+    from engine.attention.memory import human
+    from engine.runs import result_budget
+
+    if tuple(comparison.request.sides) != current:
+        st.warning(
+            f"These results are for:  \n{_for(comparison.request)}  \nnot for the input above: "
+            "press Show attention to run it.",
+            icon="↩️",
+        )
+    else:
+        st.caption(f"Results for: {_for(comparison.request)}")
+    for label, result in comparison.results:
+        if result.dropped_tokens:
+            who = f"{label}: t" if len(comparison.sides) > 1 else "T"
+            st.info(
+                f"{who}he text was truncated to {result.n_tokens} tokens "
+                f"({result.dropped_tokens} tokens dropped from the end).",
+                icon="✂️",
+            )
+    budget = result_budget()
+    st.caption(
+        f"This result holds {human(comparison.nbytes)} of memory (result budget: "
+        f"{human(budget.used_bytes)} used of {human(budget.budget_bytes)})."
+    )
+
+
+def main() -> None:
+    """Show attention, the run's status or error, then its result with the input it is for.
+
+    The run and its snapshot are locals here, never script globals: a global would outlive the
+    script run (fragments keep the script's namespace) and keep a replaced run's memory held.
+    """
+    current = _sides()
+    run = st.session_state.get(RUN)
+    snap = run.snapshot() if run is not None else None
+    running = snap is not None and not snap.finished
+    if st.button("Show attention", type="primary", disabled=running):
+        run = snap = None  # hold no reference to the previous run: _start drops it
+        _start(current)
+        run = st.session_state.get(RUN)
+        snap = run.snapshot() if run is not None else None
+        running = snap is not None and not snap.finished
+
+    if REFUSED in st.session_state:
+        message, request = st.session_state[REFUSED]
+        ui.show_error(message)
+        st.caption(f"Not run, for: {_for(request)}")
+    elif running:
+        st.fragment(_progress, run_every=POLL_S)()
+    elif snap is not None and snap.state != "done":
+        if snap.cancelled:
+            st.warning(snap.error or "Cancelled.", icon="⏹️")
+        else:
+            ui.show_error(snap.error or "Attention failed.")
+        st.caption(f"For: {_for(run.spec)}")
+    elif snap is not None:
+        _result_header(snap.result, current)
+        explorer()
+
+
+main()

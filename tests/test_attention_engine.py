@@ -206,16 +206,54 @@ def test_npz_and_csv_exports_keep_data_and_provenance(tiny_wb, tiny_models, tmp_
     assert len([line for line in csv.splitlines() if not line.startswith("#")]) == 1 + 2 * 4
 
 
-def test_provenance_matches_the_engine_helper(tiny_wb, tiny_models):
-    from dataclasses import asdict
+def real_sha256(folder) -> str:
+    """Independent fingerprint: sha256 over each weight file's name then bytes, by name."""
+    import hashlib
 
-    from engine.provenance import Provenance
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
-    model = tiny_wb.load(str(tiny_models["llama"]))
-    fast = asdict(model.attention(TEXT).provenance)
-    full = asdict(Provenance.of(model.loaded))
-    fast.pop("created"), full.pop("created")
-    assert fast == full
+
+def test_provenance_names_the_real_weights_dtype_device_and_libraries(tiny_wb, tiny_models):
+    import json
+    import platform
+    import shutil
+    import time
+    from importlib import metadata
+
+    folder = tiny_models["llama"]
+    before = time.time()
+    model = tiny_wb.load(str(folder))
+    prov = model.attention(TEXT).provenance
+    assert prov.model == str(folder)
+    assert prov.fingerprint == "sha256:" + real_sha256(folder)
+    params = list(model.loaded.model.parameters())
+    assert {f"torch.{prov.dtype}"} == {str(p.dtype) for p in params} == {"torch.float32"}
+    assert {prov.device} == {str(p.device) for p in params} == {"cpu"}
+    for name in ("torch", "transformers", "bertviz"):
+        assert prov.versions[name] == metadata.version(name)
+    assert prov.versions["python"] == platform.python_version()
+    assert before <= prov.created <= time.time()
+    assert prov.seed is None
+
+    # a store entry: the manifest's fingerprint, which is the weights' real sha256
+    entry = tiny_wb.store.write(
+        "tiny-llama-provenance",
+        lambda tmp: [shutil.copy(f, tmp) for f in folder.iterdir() if f.is_file()],
+        kind="causal-lm",
+        source="test",
+        licence="apache-2.0",
+        overwrite=True,
+    )
+    manifest = json.loads((entry.path / "manifest.json").read_text())
+    real = real_sha256(entry.path)
+    assert manifest["fingerprint"] == "sha256:" + real
+    stored = tiny_wb.load("tiny-llama-provenance").attention(TEXT).provenance
+    assert stored.model == "tiny-llama-provenance"
+    assert real in stored.fingerprint
 
 
 def test_bert_queries_and_keys_reproduce_the_attention(tiny_wb, tiny_models):

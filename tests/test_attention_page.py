@@ -26,16 +26,27 @@ def app(monkeypatch, tmp_path):
     st.cache_resource.clear()
 
 
-def run_until_results(at: AppTest, timeout_s: float = 60.0) -> list:
-    """AppTest does not fire run_every: rerun until the worker's result is in session state."""
+def run_until_finished(at: AppTest, timeout_s: float = 60.0):
+    """AppTest does not fire run_every: rerun until the page's run has ended; its snapshot."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         at.run()
         assert not at.exception, at.exception
-        if "attention_job" not in at.session_state and "attention_results" in at.session_state:
-            return at.session_state["attention_results"]
+        state = at.session_state
+        run = state["attention_run"] if "attention_run" in state else None  # noqa: SIM401
+        if run is not None and run.done:
+            at.run()  # the page's first run after the end draws the result or the error
+            assert not at.exception, at.exception
+            return run.snapshot()
         time.sleep(0.1)
-    raise AssertionError(f"no result; errors: {[e.value for e in at.error]}")
+    raise AssertionError(f"the run did not end; errors: {[e.value for e in at.error]}")
+
+
+def run_until_results(at: AppTest, timeout_s: float = 60.0) -> list:
+    """(label, AttentionResult) per side of the page's finished run."""
+    snap = run_until_finished(at, timeout_s)
+    assert snap.state == "done", snap.error
+    return snap.result.results
 
 
 def show(at: AppTest) -> None:
@@ -62,18 +73,20 @@ def test_page_attentions_equal_plain_transformers(app, tiny_models, name, kind):
     assert "d3js.org v5.7.0" in html and "cdnjs" not in html
 
 
-def test_changing_layer_and_head_does_not_rerun_the_model(app, tiny_models, monkeypatch):
-    import engine.attention
+def count_forward_passes(tiny_models, name: str) -> list:
+    """A forward hook on the shared tiny model: one entry per forward pass, whoever runs it."""
+    from workbench import ui
 
-    calls = []
-    original = engine.attention.extract_attention
-    monkeypatch.setattr(
-        engine.attention,
-        "extract_attention",
-        lambda *a, **k: calls.append(1) or original(*a, **k),
-    )
+    calls: list = []
+    model = ui.get_workbench().load(str(tiny_models[name])).loaded.model
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_changing_layer_and_head_does_not_rerun_the_model(app, tiny_models):
     app.session_state["model_name"] = str(tiny_models["llama"])
     app.run()
+    calls = count_forward_passes(tiny_models, "llama")
     show(app)
     run_until_results(app)
     assert len(calls) == 1
@@ -104,11 +117,9 @@ def test_empty_text_shows_one_line_error(app, tiny_models):
     app.run()
     app.text_area(key="attn_text").input("   ")
     show(app)
-    deadline = time.monotonic() + 30
-    while not app.error and time.monotonic() < deadline:
-        time.sleep(0.1)
-        app.run()
     assert not app.exception
+    assert "The text is empty" in app.error[0].value
+    app.run()  # the refusal stays on the page until the next Show attention
     assert "The text is empty" in app.error[0].value
 
 
@@ -158,13 +169,9 @@ def test_encoder_decoder_model_gets_a_clear_message(app, tiny_models):
     app.session_state["model_name"] = str(tiny_models["t5"])
     app.run()
     show(app)
-    deadline = time.monotonic() + 30
-    while not app.error and time.monotonic() < deadline:
-        time.sleep(0.1)
-        app.run()
     assert not app.exception
     assert "encoder-decoder" in app.error[0].value
-    assert "attention_results" not in app.session_state
+    assert "attention_run" not in app.session_state
 
 
 def test_neuron_view_for_encoders_and_a_message_for_causal_lms(app, tiny_models):
@@ -181,3 +188,141 @@ def test_neuron_view_for_encoders_and_a_message_for_causal_lms(app, tiny_models)
     run_until_results(app)
     assert not app.get("iframe")
     assert any("neuron view needs BERT-style" in i.value for i in app.info)
+
+
+# --- the run on the page: errors stay, results name their input, budget, cancel ------------
+
+
+def texts_on_page(at: AppTest) -> str:
+    """Every error, warning, info and caption on the page, markdown escapes removed."""
+    parts = [e.value for e in (*at.error, *at.warning, *at.info, *at.caption)]
+    return "\n".join(parts).replace("\\", "")
+
+
+def test_a_failed_run_keeps_its_error_and_hides_the_old_result(app, tiny_models, monkeypatch):
+    import engine.attention.run as attention_run
+
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    show(app)
+    run_until_results(app)
+    assert any(s.value == "Head statistics" for s in app.subheader)
+
+    def broken(*_a, **_k):
+        raise RuntimeError("The size of tensor a (757) must match the size of tensor b (512)")
+
+    monkeypatch.setattr(attention_run, "attention_forward", broken)
+    app.text_area(key="attn_text").input("the film was bad")
+    show(app)
+    snap = run_until_finished(app)
+    assert snap.state == "failed"
+    for _ in range(3):  # reruns (any widget) keep the error, and never bring the old result back
+        assert "Attention failed: RuntimeError: The size of tensor a (757)" in app.error[0].value
+        assert "For: " in texts_on_page(app) and "the film was bad" in texts_on_page(app)
+        assert not any(s.value == "Head statistics" for s in app.subheader)
+        assert not app.get("iframe")
+        app.run()
+    monkeypatch.undo()
+    show(app)  # a new run replaces the error
+    run_until_results(app)
+    assert not app.error
+    assert "Results for: " in texts_on_page(app)
+
+
+def test_too_long_for_the_model_is_refused_then_truncated_on_request(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["bert"])  # 128 positions
+    app.run()
+    app.text_area(key="attn_text").input(" ".join(["good"] * 200))
+    show(app)
+    message = app.error[0].value
+    assert "200 tokens but" in message and "at most 128 positions" in message
+    assert "Truncate to the model's context" in message
+    app.run()
+    assert app.error and "at most 128 positions" in app.error[0].value  # it stays
+    app.checkbox(key="attn_truncate").check().run()
+    show(app)
+    ((_, result),) = run_until_results(app)
+    assert result.n_tokens == 128 and result.dropped_tokens == 72
+    assert not app.error
+    assert "truncated to 128 tokens (72 tokens dropped" in texts_on_page(app)
+
+
+def test_results_always_say_which_input_they_belong_to(app, tiny_models):
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    app.text_area(key="attn_text").input("the movie was good")
+    show(app)
+    run_until_results(app)
+    assert "Results for: " in texts_on_page(app) and "“the movie was good”" in texts_on_page(app)
+    assert not app.warning
+    app.text_area(key="attn_text").input("the plot was boring").run()
+    (warning,) = app.warning
+    text = warning.value.replace("\\", "")
+    assert text.startswith("These results are for:") and "the movie was good" in text
+    assert "the plot was boring" not in text
+    assert len(app.get("iframe")) == 1  # still drawn, but labelled with its own input
+
+
+def test_past_the_result_budget_the_page_refuses_and_a_new_run_frees_the_old(
+    app, tiny_models, monkeypatch
+):
+    import engine.runs
+    from engine.attention import result_bytes
+    from engine.runs import ResultBudget
+    from workbench import ui
+
+    loaded = ui.get_workbench().load(str(tiny_models["llama"])).loaded
+    budget = ResultBudget(budget_bytes=result_bytes(loaded, 10) + 1)
+    monkeypatch.setattr(engine.runs, "_BUDGET", budget)
+    app.session_state["model_name"] = str(tiny_models["llama"])
+    app.run()
+    app.text_area(key="attn_text").input("the movie was very good , i love the plot")  # 10
+    show(app)
+    first = run_until_results(app)[0][1]
+    assert budget.used_bytes == first.nbytes == result_bytes(loaded, 10)
+    del first
+    show(app)  # the same input again: fits only because the first run was dropped
+    second = run_until_results(app)[0][1]
+    assert budget.used_bytes == second.nbytes
+    del second
+    app.text_area(key="attn_text").input("the movie was very good , i love the plot a lot")
+    show(app)
+    assert "at most 10 tokens would fit" in app.error[0].value
+    assert "attention_run" not in app.session_state
+    assert budget.used_bytes == 0  # the refused click dropped the previous run too
+    assert not any(s.value == "Head statistics" for s in app.subheader)
+
+
+def test_a_waiting_run_says_so_and_cancel_stops_it(app, tiny_models):
+    import threading
+
+    from workbench import ui
+
+    loaded = ui.get_workbench().load(str(tiny_models["llama"])).loaded
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with loaded.use():
+            holding.set()
+            release.wait(30)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert holding.wait(10)
+    try:
+        app.session_state["model_name"] = str(tiny_models["llama"])
+        app.run()
+        show(app)
+        deadline = time.monotonic() + 10
+        while not app.info and time.monotonic() < deadline:
+            time.sleep(0.1)
+            app.run()
+        assert "another run is using it" in app.info[0].value
+        assert next(b for b in app.button if b.label == "Show attention").disabled
+        next(b for b in app.button if b.label == "Cancel").click().run()
+        snap = run_until_finished(app)
+        assert snap.state == "cancelled"
+        app.run()
+        assert app.warning[0].value == "Cancelled."
+        assert not any(s.value == "Head statistics" for s in app.subheader)
+    finally:
+        release.set()

@@ -49,3 +49,12 @@ def capture_queries_keys(model) -> Iterator[dict[str, list[np.ndarray]]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def records_queries_keys(model) -> tuple[int, int] | None:
+    """(layers, head_dim) of the queries/keys ``capture_queries_keys`` records; None when the
+    model has no BERT-style self-attention (nothing is recorded)."""
+    modules = _self_attention_modules(model)
+    if not modules:
+        return None
+    return len(modules), int(modules[0].attention_head_size)

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from engine.attention.capture import capture_queries_keys
+from engine.attention.memory import check_fits
 from engine.errors import EngineError, InputError
+from engine.files import atomic_write
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 from engine.results import Result
@@ -33,13 +35,27 @@ MAX_TOKENS_LIMIT = 4096
 
 @dataclass(frozen=True)
 class AttentionSettings:
-    """What to feed the model. ``max_tokens`` refuses longer inputs rather than truncating."""
+    """What to feed the model.
+
+    ``max_tokens``: longest input accepted (tokens, special tokens included). ``truncate``:
+    cut a longer input to ``min(max_tokens, the model's context length)`` instead of refusing
+    it (the result records how many tokens were dropped). ``add_special_tokens``: the
+    tokenizer's [CLS]/[SEP] or BOS.
+    """
 
     max_tokens: int = 1024
     add_special_tokens: bool = True
+    truncate: bool = False
 
     def validated(self) -> AttentionSettings:
         """Checked copy; raises ``InputError`` naming the bad value and the allowed range."""
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+            raise InputError(
+                f"max_tokens must be a whole number of tokens (got {self.max_tokens!r})."
+            )
+        for name in ("add_special_tokens", "truncate"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false (got {getattr(self, name)!r}).")
         if not 2 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise InputError(
                 f"max_tokens must be between 2 and {MAX_TOKENS_LIMIT} (got {self.max_tokens})."
@@ -55,9 +71,10 @@ class AttentionResult(Result):
     softmax distribution of query position ``q`` over key positions (sums to 1; a causal LM puts
     0 on keys after ``q``). ``tokens``: the tokenizer's token strings (length = positions).
     ``word_ids``: the word index of each token, -1 for special tokens (used to merge sub-words).
-    ``seconds``: wall time of the forward pass. ``queries``/``keys``: float32 arrays shaped
+    ``seconds``: wall time of the forward pass (s). ``queries``/``keys``: float32 arrays shaped
     (layer, head, token, head_dim) for bertviz's neuron view, recorded for BERT-style
     self-attention only (None for other architectures, e.g. rotary-position causal LMs).
+    ``dropped_tokens``: how many tokens of ``text`` were cut off the end to fit (0 = none).
     """
 
     text: str
@@ -70,6 +87,13 @@ class AttentionResult(Result):
     seconds: float
     queries: np.ndarray | None = None  # (layer, head, token, head_dim)
     keys: np.ndarray | None = None  # (layer, head, token, head_dim)
+    dropped_tokens: int = 0  # tokens cut off the end of ``text`` (``truncate=True``)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (attentions, and queries/keys when recorded)."""
+        arrays = (self.attentions, self.queries, self.keys)
+        return sum(a.nbytes for a in arrays if a is not None)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -108,6 +132,7 @@ class AttentionResult(Result):
                 "key": self.n_tokens,
             },
             "causal": self.causal,
+            "dropped_tokens": self.dropped_tokens,
             "seconds": self.seconds,
             "provenance": self.to_provenance_dict(),
         }
@@ -119,11 +144,23 @@ class AttentionResult(Result):
 
     def save_npz(self, target: str | Path | io.BytesIO) -> str | Path | io.BytesIO:
         """Write ``attentions`` (layer, head, query, key), ``tokens``, ``token_ids``,
-        ``word_ids``, ``text``, ``provenance`` (JSON string) and, when recorded, ``queries``
-        and ``keys`` (layer, head, token, head_dim) to an .npz file or buffer."""
+        ``word_ids``, ``text``, ``dropped_tokens``, ``provenance`` (JSON string) and, when
+        recorded, ``queries`` and ``keys`` (layer, head, token, head_dim) to an .npz buffer or
+        file. A file is written atomically (``DiskError`` when the file system refuses)."""
+        if isinstance(target, str | Path):
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    self._savez(fh)
+
+            return atomic_write(target, write, f"the attention file {target}")
+        self._savez(target)
+        return target
+
+    def _savez(self, fh) -> None:
         vectors = {} if self.queries is None else {"queries": self.queries, "keys": self.keys}
         np.savez_compressed(
-            target,
+            fh,
             **vectors,
             attentions=self.attentions,
             tokens=np.array(self.tokens, dtype=str),
@@ -131,9 +168,9 @@ class AttentionResult(Result):
             word_ids=np.array(self.word_ids, dtype=np.int64),
             text=np.array(self.text),
             causal=np.array(self.causal),
+            dropped_tokens=np.array(self.dropped_tokens, dtype=np.int64),
             provenance=np.array(json.dumps(self.to_provenance_dict())),
         )
-        return target
 
     def npz_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -156,7 +193,111 @@ class AttentionResult(Result):
                 seconds=0.0,
                 queries=np.asarray(data["queries"]) if "queries" in data.files else None,
                 keys=np.asarray(data["keys"]) if "keys" in data.files else None,
+                dropped_tokens=(
+                    int(data["dropped_tokens"]) if "dropped_tokens" in data.files else 0
+                ),
             )
+
+
+def context_length(loaded: LoadedModel) -> int | None:
+    """Positions the model accepts (tokens, special tokens included); None when unknown.
+
+    From the config (``max_position_embeddings`` / ``n_positions``). RoBERTa-style models
+    offset positions by ``pad_token_id + 1``, so they take that many fewer tokens.
+    """
+    config = loaded.model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            model_type = str(getattr(config, "model_type", ""))
+            if "roberta" in model_type or model_type in ("camembert", "longformer"):
+                value -= int(getattr(config, "pad_token_id", None) or 0) + 1
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """A checked, tokenized input, ready for the forward pass (no model lock needed).
+
+    ``inputs``: the model's keyword tensors (``input_ids`` etc.), each (1, token) on CPU.
+    ``tokens``/``token_ids``/``word_ids``: one entry per position. ``dropped_tokens``: tokens
+    cut off the end by ``truncate`` (0 when none).
+    """
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    word_ids: list[int]
+    inputs: dict[str, torch.Tensor]
+    dropped_tokens: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def token_limit(loaded: LoadedModel, settings: AttentionSettings) -> int:
+    """The longest input accepted: ``min(max_tokens, the model's context length)``."""
+    context = context_length(loaded)
+    return settings.max_tokens if context is None else min(settings.max_tokens, context)
+
+
+def prepare_input(
+    loaded: LoadedModel, text: str, settings: AttentionSettings | None = None
+) -> PreparedInput:
+    """Check ``text`` against the model and the settings and tokenize it.
+
+    Raises ``InputError`` for an empty text, an encoder-decoder model, or an input longer than
+    the model's context length or ``max_tokens`` (unless ``settings.truncate``: then the input
+    is cut to fit and the number of dropped tokens recorded).
+    """
+    settings = (settings or AttentionSettings()).validated()
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("The text is empty: type some text to look at its attention.")
+    if loaded.kind == "seq2seq":
+        raise InputError(
+            f"{loaded.name} is an encoder-decoder model: the attention view supports causal LMs "
+            "and encoders; pick one of those (e.g. smollm2-135m or minilm-l6)."
+        )
+    special = settings.add_special_tokens
+    with loaded.tokenizing() as tokenizer:
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=special)
+        n = int(encoded["input_ids"].shape[1])
+        limit, dropped = token_limit(loaded, settings), 0
+        if n > limit:
+            if not settings.truncate:
+                raise _too_long(loaded, n, settings)
+            encoded = tokenizer(
+                text,
+                return_tensors="pt",
+                add_special_tokens=special,
+                truncation=True,
+                max_length=limit,
+            )
+            dropped = n - int(encoded["input_ids"].shape[1])
+            n = int(encoded["input_ids"].shape[1])
+        ids = [int(i) for i in encoded["input_ids"][0].tolist()]
+        tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+        word_ids = _word_ids(encoded, n)
+    inputs = {
+        k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    return PreparedInput(text, tokens, ids, word_ids, inputs, dropped)
+
+
+def _too_long(loaded: LoadedModel, n: int, settings: AttentionSettings) -> InputError:
+    context = context_length(loaded)
+    if context is not None and context < settings.max_tokens:
+        return InputError(
+            f"The text has {n} tokens but {loaded.name} reads at most {context} positions: "
+            f'shorten it, or choose "Truncate to the model\'s context" (truncate=True) to drop '
+            f"the last {n - context} tokens."
+        )
+    return InputError(
+        f"The text has {n} tokens, more than max_tokens={settings.max_tokens}: shorten it, "
+        "raise max_tokens, or truncate it (truncate=True)."
+    )
 
 
 def _word_ids(encoded, n: int) -> list[int]:
@@ -198,32 +339,11 @@ def _collect(layers: list, name: str) -> np.ndarray:
     return out
 
 
-def extract_attention(
-    loaded: LoadedModel, text: str, settings: AttentionSettings | None = None
-) -> AttentionResult:
-    """Run ``text`` through ``loaded`` once and return every layer's and head's attention."""
-    settings = (settings or AttentionSettings()).validated()
-    if not text.strip():
-        raise InputError("The text is empty: type some text to look at its attention.")
-    if loaded.kind == "seq2seq":
-        raise InputError(
-            f"{loaded.name} is an encoder-decoder model: the attention view supports causal LMs "
-            "and encoders; pick one of those (e.g. smollm2-135m or minilm-l6)."
-        )
-    tokenizer = loaded.tokenizer
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=settings.add_special_tokens)
-    n = int(encoded["input_ids"].shape[1])
-    if n > settings.max_tokens:
-        raise InputError(
-            f"The text has {n} tokens, more than max_tokens={settings.max_tokens}: shorten it or "
-            "raise max_tokens."
-        )
-    ids = encoded["input_ids"][0].tolist()
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    word_ids = _word_ids(encoded, n)
-    inputs = {
-        k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")
-    }
+def attention_forward(loaded: LoadedModel, prepared: PreparedInput) -> AttentionResult:
+    """One forward pass of a prepared input under the model lock; every layer's attention.
+
+    Waiting for the lock is reported into the current run and stops when it is cancelled.
+    """
     with (
         loaded.use(),
         loaded.eager_attention(),
@@ -232,7 +352,7 @@ def extract_attention(
     ):
         started = time.perf_counter()
         out = loaded.model(
-            **{k: v.to(loaded.device) for k, v in inputs.items()},
+            **{k: v.to(loaded.device) for k, v in prepared.inputs.items()},
             output_attentions=True,
             **_forward_kwargs(loaded),
         )
@@ -240,18 +360,34 @@ def extract_attention(
         del out  # the list now holds the only references: _collect frees layer by layer
         array = _collect(layers, loaded.name)
         seconds = time.perf_counter() - started
+        provenance = Provenance.of(loaded)
     return AttentionResult(
-        text=text,
-        tokens=[str(t) for t in tokens],
-        token_ids=[int(i) for i in ids],
-        word_ids=word_ids,
+        text=prepared.text,
+        tokens=list(prepared.tokens),
+        token_ids=list(prepared.token_ids),
+        word_ids=list(prepared.word_ids),
         attentions=array,
         causal=loaded.kind == "causal-lm",
-        provenance=Provenance.of(loaded),
+        provenance=provenance,
         seconds=seconds,
         queries=_stack(vectors["queries"], array),
         keys=_stack(vectors["keys"], array),
+        dropped_tokens=prepared.dropped_tokens,
     )
+
+
+def extract_attention(
+    loaded: LoadedModel, text: str, settings: AttentionSettings | None = None
+) -> AttentionResult:
+    """Run ``text`` through ``loaded`` once and return every layer's and head's attention.
+
+    The blocking call (Python API, CLI): checks the input (``prepare_input``) and that the
+    result fits the free result budget (``MemoryBudgetError`` saying how many tokens would fit)
+    before running. Pages start a run instead (``start_attention``), which also reserves it.
+    """
+    prepared = prepare_input(loaded, text, settings)
+    check_fits([(loaded, prepared.n_tokens)])
+    return attention_forward(loaded, prepared)
 
 
 def _stack(per_layer: list[np.ndarray], attentions: np.ndarray) -> np.ndarray | None:

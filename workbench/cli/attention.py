@@ -1,26 +1,55 @@
-"""``workbench attention MODEL TEXT --out FILE.npz [--max-tokens N] [--json]``.
+"""``workbench attention MODEL TEXT --out FILE.npz [--max-tokens N] [--truncate] [--json]``.
 
 The npz holds ``attentions`` shaped (layer, head, query, key), ``tokens``, ``token_ids``,
-``word_ids``, ``text`` and ``provenance`` (a JSON string). ``--json`` prints the tokens, the
-shape, the per-head statistics and the provenance (not the tensor).
+``word_ids``, ``text``, ``dropped_tokens`` and ``provenance`` (a JSON string). ``--json``
+prints the tokens, the shape, the per-head statistics and the provenance (not the tensor).
+The output path is checked before the model loads: an unwritable ``--out`` fails at once.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
+from engine.errors import InputError
 from workbench.cli.common import open_workbench, print_json, progress_printer
 
 
+def writable_output(raw: str) -> Path:
+    """``raw`` as an .npz path whose folder exists (created if needed) and takes a new file.
+
+    Raises ``InputError`` (one line) before any computation when it cannot be written.
+    """
+    given = Path(raw).expanduser()
+    out = given if given.suffix == ".npz" else given.with_suffix(given.suffix + ".npz")
+    for path in (given, out):
+        if path.is_dir():
+            raise InputError(
+                f"--out {raw} is a folder: give a file name such as {path / 'attention.npz'}."
+            )
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".workbench-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(
+            f"Cannot write --out {raw}: {reason} ({folder}); choose a writable folder."
+        ) from exc
+    if out.exists() and not os.access(out, os.W_OK):
+        raise InputError(f"Cannot write --out {raw}: the file is read-only; choose another.")
+    return out
+
+
 def attention(args, _extra) -> int:
+    out = writable_output(args.out)  # before importing torch: a bad path fails in a blink
     from engine.attention import AttentionSettings, head_statistics
 
+    settings = AttentionSettings(max_tokens=args.max_tokens, truncate=args.truncate).validated()
     model = open_workbench().load(args.model, progress=progress_printer)
-    result = model.attention(args.text, AttentionSettings(max_tokens=args.max_tokens))
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        out = out.with_suffix(out.suffix + ".npz")  # numpy would add it silently
-    out.parent.mkdir(parents=True, exist_ok=True)
+    result = model.attention(args.text, settings)
     result.save_npz(out)
     if args.json:
         data = result.summary()
@@ -29,7 +58,8 @@ def attention(args, _extra) -> int:
         print_json(data)
     else:
         n_layers, n_heads, n, _ = result.shape
-        print(f"{n_layers} layers x {n_heads} heads x {n} tokens -> {out}")
+        dropped = f" ({result.dropped_tokens} tokens truncated)" if result.dropped_tokens else ""
+        print(f"{n_layers} layers x {n_heads} heads x {n} tokens{dropped} -> {out}")
     return 0
 
 
@@ -39,5 +69,10 @@ def register(sub) -> None:
     parser.add_argument("text")
     parser.add_argument("--out", required=True, help="output .npz file")
     parser.add_argument("--max-tokens", type=int, default=1024, help="refuse longer inputs")
+    parser.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut a longer input to the model's context (or --max-tokens) instead of refusing",
+    )
     parser.add_argument("--json", action="store_true", help="tokens, shape, head statistics")
     parser.set_defaults(func=attention)
