@@ -26,7 +26,7 @@ RUN_KEY = "explain_active_run"  # the engine Run in progress
 RESULT_KEY = "explain_result"  # the last ExplanationSet
 ERROR_KEY = "explain_error"  # the last run's one-line error: stays until a run replaces it
 ESTIMATES_KEY = "explain_estimates"  # pre-flight estimates per (model, spec)
-IDLE_TIMEOUT_S = 60.0  # a run nobody polls (a closed tab) cancels itself
+IDLE_TIMEOUT_S = 120.0  # a run nobody polls (a closed tab, another page) cancels itself
 POLL_S = 1.0
 
 KINDS = ("classifier", "causal-lm")
@@ -197,27 +197,27 @@ running = run is not None and not run.done
 
 
 def preflight(model, spec: ExplanationSpec) -> list:
-    """Estimates of every method, cached per model and spec: a rerun (a slider moved) computes
-    nothing. Tokenization only; the one-off timing benchmark runs only when the model is free
-    (otherwise the arithmetic estimate is shown and not cached, so a later rerun measures)."""
+    """Estimates of every method, cached per model and spec (the seed aside): a rerun (a slider
+    moved) computes nothing. Tokenization only, never the model's lock: the one-off timing
+    benchmark runs in the background, and until it is done the rough estimate is shown and
+    not cached, so a later rerun picks up the measured one."""
     cache: dict = st.session_state.setdefault(ESTIMATES_KEY, {})
     key = (model.name, model.loaded.fingerprint, dataclasses.replace(spec, seed=0))
     if key in cache:
         return cache[key]
-    with st.spinner("Estimating (the first time, a short timing benchmark of this model)…"):
-        plans = [
-            estimate(
-                model.loaded,
-                spec.text,
-                spec.target,
-                r.method,
-                r.options_dict(),
-                per_token=spec.per_token,
-                faithfulness=spec.faithfulness,
-                wait=False,
-            )
-            for r in spec.methods
-        ]
+    plans = [
+        estimate(
+            model.loaded,
+            spec.text,
+            spec.target,
+            r.method,
+            r.options_dict(),
+            per_token=spec.per_token,
+            faithfulness=spec.faithfulness,
+            wait=False,
+        )
+        for r in spec.methods
+    ]
     if all(p.calibrated for p in plans):
         if len(cache) >= 16:
             cache.pop(next(iter(cache)))
@@ -233,7 +233,11 @@ if picked:
         "Pre-flight estimate: forward rows × tokens at this model's measured speed on this "
         "machine (a range: the machine is shared); the batch (rows per forward pass) is chosen "
         "to fit memory."
-        + ("" if all(e.calibrated for e in plans) else " ~: not measured yet (model busy).")
+        + (
+            ""
+            if all(e.calibrated for e in plans)
+            else " ~: a rough guess while this model's speed is measured in the background."
+        )
     )
     refining = [e for e in plans if e.attempts > 1]
     if refining:

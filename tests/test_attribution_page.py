@@ -142,21 +142,25 @@ def test_estimate_is_cached_and_never_waits_for_a_busy_model(app, monkeypatch):
     monkeypatch.setattr(attribution, "estimate", counting)
     calibration.forget()
     at = app("llama")
-    at.run()
+    at.run()  # nothing measured yet: a rough estimate while the benchmark runs in the background
     assert not at.exception and calls == [False]  # never a waiting estimate
-    assert "~" not in at.dataframe[0].value["estimated time"][0]  # measured: a plain range
-    at.number_input(key="explain_seed").set_value(5).run()  # the seed changes no estimate
-    at.run()
-    assert len(calls) == 1  # reruns read the page's cache
-    at.text_area(key="explain_text").set_value("the capital of france is").run()
-    assert len(calls) == 2
-    # another run holds the model and nothing is measured for this length yet (a longer
-    # text: the next length bucket): the page shows the arithmetic estimate at once instead
-    # of waiting for the model
-    model = at.session_state["model_name"]
+    assert at.dataframe[0].value["estimated time"][0].startswith("~")
     from workbench import ui
 
-    loaded = ui.get_workbench().manager.get(model)
+    loaded = ui.get_workbench().manager.get(at.session_state["model_name"])
+    assert calibration.rates(loaded, 16, wait=True) is not None  # waits for the background run
+    at.run()
+    assert len(calls) == 2  # the rough estimate was not cached
+    assert not at.dataframe[0].value["estimated time"][0].startswith("~")  # measured
+    at.number_input(key="explain_seed").set_value(5).run()  # the seed changes no estimate
+    at.run()
+    assert len(calls) == 2  # reruns read the page's cache
+    at.text_area(key="explain_text").set_value("the capital of france is").run()
+    assert len(calls) == 3
+    assert not at.dataframe[0].value["estimated time"][0].startswith("~")  # same length bucket
+    # another run holds the model and nothing is measured for this length yet (a longer
+    # text: the next length bucket): the page shows the rough estimate at once instead of
+    # waiting for the model
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -175,7 +179,8 @@ def test_estimate_is_cached_and_never_waits_for_a_busy_model(app, monkeypatch):
     finally:
         release.set()
         holder.join(10)
-    at.run()  # the model is free again: measured now (the busy estimate was not cached)
+    assert calibration.rates(loaded, 32, wait=True) is not None  # measured once it was free
+    at.run()  # the busy estimate was not cached: the measured one now
     assert not at.dataframe[0].value["estimated time"][0].startswith("~")
 
 

@@ -98,3 +98,36 @@ def test_minilm_classifier_ig_50_steps_under_one_percent(minilm_classifier, base
     _assert_honest(result)
     assert result.delta_ok, result.delta_statement()
     assert result.tokens[0] == "[CLS]" and not result.free[0] and result.scores[0] == 0
+
+
+@pytest.fixture
+def private_timing_cache(tmp_path, monkeypatch):
+    """Measure afresh, in a temporary WORKBENCH_HOME (not the user's timing cache)."""
+    from engine.attribution import calibration
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    calibration.forget()
+    yield calibration
+    calibration.forget()
+
+
+def test_smollm_estimate_range_brackets_the_run(smollm, private_timing_cache):
+    """The calibrated pre-flight range for IG (50 steps) on SmolLM2 contains the real run, up to
+    a factor 3 either side for a shared machine's load (the old matmul-based estimate said 3.4 s
+    for a 20 s run). The run then adds its own speed to the rates."""
+    from engine.attribution import estimate, explain
+
+    loaded = smollm.loaded
+    text, spec = "The capital of France is", TargetSpec(text=" Paris")
+    options = {"steps": 50, "auto_steps": False}
+    explain(loaded, "Hello", spec, "ig", {"steps": 2, "auto_steps": False}, faithfulness=False)
+    plan = estimate(loaded, text, spec, "ig", options, wait=True)
+    assert plan.calibrated and plan.rows == 52
+    assert plan.seconds_low < plan.seconds < plan.seconds_high
+    result = explain(loaded, text, spec, "ig", options, faithfulness=False)
+    assert plan.seconds_low / 3 <= result.seconds <= plan.seconds_high * 3, (
+        plan.time_range(),
+        result.seconds,
+    )
+    rates = private_timing_cache.cached(loaded, plan.tokens)
+    assert len(rates.backward) == 2  # the benchmark's sample, then this run's

@@ -11,8 +11,10 @@ Rates are kept in the process, and on disk under ``WORKBENCH_HOME/cache`` (one J
 written atomically; entries older than a week are measured again). A shorter sequence is
 costed linearly from its bucket (``tokens / bucket`` of the bucket's rate).
 
-``rates(loaded, tokens, wait=False)`` never waits for the model: when another run holds it,
-there is no measurement yet and the caller falls back to the arithmetic estimate.
+``rates(loaded, tokens, wait=True)`` measures in the caller's thread (about a second under the
+model's lock). ``wait=False`` never blocks: it starts the measurement as a background run
+(``engine.runs``, operation "calibrate"; it waits its turn for the model like any run) and
+returns None, so the caller shows the arithmetic estimate until the rates are there.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import torch
 from engine.files import DiskError, atomic_write_json
 
 MIN_BUCKET = 16
-TOKENS_PER_PASS = 256  # benchmark batch: about this many tokens per pass (at least one row)
-KEEP = 8  # samples kept per kind (benchmark reps first, then the latest observed runs)
+TOKENS_PER_PASS = 64  # benchmark batch: about this many tokens per pass (at least one row)
+KEEP = 8  # samples kept per kind (the benchmark's first, then the latest observed runs)
 MAX_AGE_S = 7 * 24 * 3600
-# The range shown: fastest sample x LOW to slowest sample x HIGH. A shared machine's load
-# changes within seconds (measured here: the same batch took 1x to 6x its fastest time).
-LOW, HIGH = 0.8, 1.6
+# The range shown: fastest sample x LOW to slowest sample x HIGH. Runs batch more rows per pass
+# than the benchmark (cheaper per row), and a shared machine's load changes within seconds
+# (measured on 2 shared cores: the same IG run took 7 s and 35 s).
+LOW, HIGH = 0.5, 2.0
 
 _RATES: dict[str, Rates] = {}
 _LOCK = threading.Lock()
@@ -97,34 +100,47 @@ def cached(loaded, tokens: int) -> Rates | None:
     return hit
 
 
-def rates(loaded, tokens: int, *, wait: bool = False) -> Rates | None:
+def rates(loaded, tokens: int, *, wait: bool = True) -> Rates | None:
     """Measured rates for ``tokens``-token rows on ``loaded``, measuring them once if needed.
 
-    The measurement takes the model's lock for about a second (a few batches). With
-    ``wait=False`` it is skipped (None) while another run holds the model.
+    ``wait=True``: measure now, in this thread (the model's lock for about a second; waits
+    for a measurement already under way). ``wait=False``: return the rates if measured, else
+    start measuring in a background run and return None at once.
     """
     hit = cached(loaded, tokens)
-    if hit is not None:
+    if hit is not None or not wait:
+        if hit is None:
+            _start_background(loaded, tokens)
         return hit
     key = _key(loaded, tokens)
     with _LOCK:
         measuring = _MEASURING.setdefault(key, threading.Lock())
-    if not measuring.acquire(blocking=wait):
-        return None  # another thread is measuring it right now
-    try:
+    with measuring:  # one measurement per key; a second caller waits and reads it
         hit = cached(loaded, tokens)
         if hit is not None:
             return hit
-        with _model(loaded, wait) as got:
-            if not got:
-                return None
+        with loaded.use():
             measured = _measure(loaded, key, bucket(tokens))
         with _LOCK:
             _RATES[key] = measured
         _to_disk(measured)
         return measured
-    finally:
-        measuring.release()
+
+
+def _start_background(loaded, tokens: int):
+    """Measure in a background run, unless one is measuring this key already."""
+    from engine import runs
+
+    key = _key(loaded, tokens)
+    with _LOCK:
+        measuring = _MEASURING.setdefault(key, threading.Lock())
+    if measuring.locked():
+        return None
+
+    def work(_ctx) -> Rates | None:
+        return rates(loaded, tokens, wait=True)
+
+    return runs.start("calibrate", work, spec={"model": loaded.name, "tokens": tokens})
 
 
 def observe(loaded, tokens: int, gradient: bool, rows: int, seconds: float) -> None:
@@ -153,20 +169,17 @@ def forget() -> None:
 
 
 @contextlib.contextmanager
-def _model(loaded, wait: bool) -> Iterator[bool]:
-    """The model's lock: yields False at once when busy and ``wait`` is off."""
-    if not wait:
-        if not loaded.lock.acquire(blocking=False):
-            yield False
-            return
-        try:
-            with loaded.use():
-                yield True
-        finally:
-            loaded.lock.release()
-        return
-    with loaded.use():
-        yield True
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients flow to the input embeddings only: skipping the weights' gradients saves about
+    a third of each backward pass. Restored afterwards (call inside ``loaded.use()``)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def _score_fn(loaded):
@@ -184,10 +197,10 @@ def _score_fn(loaded):
     return score
 
 
-def _measure(loaded, key: str, length: int, reps: int = 2) -> Rates:
-    """Time forward and forward+backward batches of ``length``-token rows (call in ``use()``)."""
-    from engine.attribution.explainer import frozen_parameters
-
+def _measure(loaded, key: str, length: int) -> Rates:
+    """Time one forward+backward and one forward batch of ``length``-token rows, after an
+    untimed pass of the same shapes (the first pass of a shape allocates and picks kernels,
+    measured here at 5-20x a later one). Call inside ``loaded.use()``."""
     model = loaded.model
     embedding = model.get_input_embeddings()
     vocab = int(embedding.weight.shape[0])
@@ -208,7 +221,6 @@ def _measure(loaded, key: str, length: int, reps: int = 2) -> Rates:
     with frozen_parameters(model):
         with torch.no_grad():
             x = embedding(ids).expand(batch, -1, -1).contiguous()
-            score(x[:1])  # warm-up: the first pass allocates and picks kernels
 
         def forward() -> None:
             with torch.no_grad():
@@ -218,14 +230,15 @@ def _measure(loaded, key: str, length: int, reps: int = 2) -> Rates:
             xg = x.detach().clone().requires_grad_()
             torch.autograd.grad(score(xg).sum(), xg)
 
-        backward_s = [timed(backward) / batch for _ in range(reps)]
-        forward_s = [timed(forward) / batch for _ in range(reps)]
+        backward()  # warm-up, untimed
+        backward_s = timed(backward) / batch
+        forward_s = timed(forward) / batch
     return Rates(
         key=key,
         bucket=length,
         batch=batch,
-        forward=tuple(forward_s),
-        backward=tuple(backward_s),
+        forward=(forward_s,),
+        backward=(backward_s,),
         measured=time.time(),
     )
 

@@ -14,17 +14,17 @@ progress total, so the bar steps back when a refinement starts.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.attribution import budget, calibration
+from engine.attribution.calibration import frozen_parameters
 from engine.attribution.faithfulness import curve_points
 from engine.attribution.faithfulness import faithfulness as measure_faithfulness
 from engine.attribution.registry import Method, Options, check_compatible, get_method
@@ -88,20 +88,6 @@ class RunContext:
     seed: int
 
 
-@contextlib.contextmanager
-def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Gradients flow to the input embeddings only: skipping the weights' gradients saves about
-    a third of each backward pass. Restored afterwards (call inside ``loaded.use()``)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-
-
 def _resolve(method: str | type[Method], options: Options | dict | None):
     cls = get_method(method) if isinstance(method, str) else method
     opts = options.validated() if isinstance(options, Options) else cls.make_options(options)
@@ -137,8 +123,9 @@ def estimate(
 
     Tokenizes only: no model lock, no forward pass, except the one-off timing benchmark of
     this model and length bucket (``calibration.rates``, about a second under the model's
-    lock, then cached). ``wait=False`` skips the benchmark while another run holds the model:
-    the estimate is then the arithmetic one (``calibrated`` False), to be asked again later.
+    lock, then cached). ``wait=False`` (pages) never blocks: without measured rates it starts
+    the benchmark in the background and returns the arithmetic estimate (``calibrated``
+    False), to be asked again later.
 
     ``rows`` counts the method's rows; with ``faithfulness`` the curves' forward-only rows
     are added to the seconds (and given as ``extra_rows``).
