@@ -164,8 +164,9 @@ def _rerun(workbench, rec: Recorded):
     """Start the recorded request again; returns the new run."""
     spec, op = rec.spec, rec.operation
     if op == "compare":
+        variants = spec.get("variants") or spec["models"]
         return workbench.start_comparison(
-            spec["models"], spec.get("prompt", ""), _settings(spec, rec.seed), _messages(spec)
+            variants, spec.get("prompt", ""), _settings(spec, rec.seed), _messages(spec)
         )
     model = workbench.load(rec.model)
     if op == "generate":
@@ -236,6 +237,8 @@ def compare_results(operation: str, old: dict, new: dict) -> tuple[str, list[str
         old_out, new_out = old.get("outcomes", []), new.get("outcomes", [])
         if [o["model"] for o in old_out] != [o["model"] for o in new_out]:
             return "mismatch", ["the compared models differ"]
+        if len(old_out) != len(new_out):
+            return "mismatch", [f"{len(old_out)} outcomes recorded, {len(new_out)} now"]
         for a, b in zip(old_out, new_out, strict=True):
             if (a.get("result") is None) != (b.get("result") is None):
                 verdicts.append("mismatch")

@@ -7,7 +7,9 @@ page collects its typed result when it ends. The run's error stays on the page u
 """
 
 import html
+from dataclasses import replace
 
+import pandas as pd
 import streamlit as st
 
 from workbench import renderers, ui
@@ -29,6 +31,7 @@ from engine.generation import (  # noqa: E402
     parse_stop_sequences,
 )
 from engine.generation import presets as presets_mod  # noqa: E402  (after the engine spinner)
+from engine.generation.comparison import Variant  # noqa: E402
 from engine.generation.evaluation import overlap_scores  # noqa: E402
 
 st.session_state.setdefault(HISTORIES, {})
@@ -54,6 +57,26 @@ def read_settings() -> GenerationSettings:
         stop_sequences=parse_stop_sequences(s.gen_stop),
         keep_last_tokens=bool(s.gen_keep_last),
     )
+
+
+def table_variants(rows: pd.DataFrame, shared: GenerationSettings) -> list[Variant]:
+    """The Compare tab's variant table as engine variants (blank cells: the shared value)."""
+
+    def cell(row: dict, name: str, default):
+        return default if pd.isna(row.get(name)) else row[name]
+
+    variants = []
+    for row in rows.dropna(subset=["model"]).to_dict("records"):
+        seed = cell(row, "seed", shared.seed)
+        own = replace(
+            shared,
+            greedy=bool(cell(row, "greedy", shared.greedy)),
+            temperature=float(cell(row, "temperature", shared.temperature)),
+            top_p=float(cell(row, "top_p", shared.top_p)),
+            seed=None if seed is None else int(seed),
+        )
+        variants.append(Variant(str(row["model"]), own))
+    return variants
 
 
 # --- decoding controls (shared by Generate and Compare) -----------------------------------
@@ -233,7 +256,39 @@ with tab_compare:
     current = ui.selected_model_name()
     if current not in options:
         options.append(current)
-    chosen = st.multiselect("Models", options, default=[current], key="cmp_models")
+    # a fine-tuned version of the current model is suggested next to it (base vs tuned)
+    tuned = [
+        e.name
+        for e in wb.store.entries()
+        if e.manifest.base_model == current and e.manifest.kind in GENERATIVE_KINDS
+    ]
+    chosen = st.multiselect(
+        "Models (with the decoding settings above)",
+        options,
+        default=[current, *tuned[:1]],
+        key="cmp_models",
+    )
+    st.caption("Variants with their own settings (e.g. the same model greedy vs sampled):")
+    variant_rows = st.data_editor(
+        pd.DataFrame(
+            [{"model": current, "greedy": False, "temperature": 1.0, "top_p": 0.95, "seed": 0}]
+            if len(chosen) < 2
+            else [],
+            columns=["model", "greedy", "temperature", "top_p", "seed"],
+        ),
+        column_config={
+            "model": st.column_config.SelectboxColumn("model", options=options, required=True),
+            "greedy": st.column_config.CheckboxColumn("greedy"),
+            "temperature": st.column_config.NumberColumn(
+                "temperature", min_value=0.0, max_value=2.0
+            ),
+            "top_p": st.column_config.NumberColumn("top-p", min_value=0.01, max_value=1.0),
+            "seed": st.column_config.NumberColumn("seed", min_value=0, step=1),
+        },
+        num_rows="dynamic",
+        hide_index=True,
+        key="cmp_variants",
+    )
     cmp_prompt = st.text_area("Prompt to compare", key="cmp_prompt", height=80)
     cmp_run = collect(COMPARE_RUN, COMPARISON, COMPARE_ERROR)
     if st.button("Compare", key="cmp_go", disabled=cmp_run is not None):
@@ -241,7 +296,8 @@ with tab_compare:
             st.session_state.pop(stale, None)
         with ui.guard():
             settings = read_settings()
-            st.session_state[COMPARE_RUN] = wb.start_comparison(chosen, cmp_prompt, settings)
+            variants = [*chosen, *table_variants(variant_rows, settings)]
+            st.session_state[COMPARE_RUN] = wb.start_comparison(variants, cmp_prompt, settings)
         st.rerun()
     ui.poll_run(COMPARE_RUN, lambda r: ui.run_progress(r, key="cmp_stop_button"))
     if st.session_state.get(COMPARE_ERROR):

@@ -227,3 +227,16 @@ def test_compare_two_models(app, tiny_models, tmp_path):
         o.result.provenance.fingerprint for o in comparison.outcomes
     )
     assert not app.exception
+
+
+def test_compare_works_out_of_the_box_with_one_model(app):
+    """One generative model: Compare pits it against itself under other settings."""
+    app.text_area(key="cmp_prompt").input(PROMPT)
+    app.button(key="cmp_go").click().run()
+    wait_for_keys(app, "gen_comparison", "gen_compare_error")
+    assert "gen_compare_error" not in app.session_state, app.session_state["gen_compare_error"]
+    comparison = app.session_state["gen_comparison"]
+    assert len(comparison.outcomes) == 2
+    assert comparison.outcomes[0].model == comparison.outcomes[1].model
+    assert "temperature 1.0" in comparison.outcomes[1].label
+    assert all(o.result for o in comparison.outcomes)

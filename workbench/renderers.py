@@ -112,7 +112,7 @@ def comparison(result, key: str) -> None:
     cols = st.columns(len(result.outcomes) or 1)
     for col, outcome in zip(cols, result.outcomes, strict=False):
         with col, st.container(border=True):
-            st.markdown(f"**{html.escape(outcome.model)}**")
+            st.markdown(f"**{html.escape(outcome.label or outcome.model)}**")
             if outcome.error:
                 st.error(outcome.error, icon="⚠️")
                 continue

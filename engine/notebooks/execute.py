@@ -73,7 +73,7 @@ def _evaluate(workbench, spec: dict) -> runs.Run:
 @starter("compare")
 def _compare(workbench, spec: dict) -> runs.Run:
     return workbench.start_comparison(
-        spec.get("models") or [], spec.get("prompt", ""), _settings(spec)
+        spec.get("variants") or spec.get("models") or [], spec.get("prompt", ""), _settings(spec)
     )
 
 
