@@ -167,7 +167,7 @@ def job_process(folder: Path, home: Path, args, n: int) -> dict:
         raise SystemExit(f"job {info.id} {info.status}: {info.error}\n{jobs.log_tail(info.id)}")
     return {
         **steps_of(jobs, info.id),
-        "peak_memory": jobs.result(info.id)["peak_memory"],
+        "peak_memory": jobs.result(info.id).peak_memory,
         "wall": time.time() - start,
     }
 

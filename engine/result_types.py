@@ -21,6 +21,7 @@ RESULT_TYPES: dict[str, tuple[str, str]] = {
     "AttentionResult": ("engine.attention", "AttentionResult"),
     "Attribution": ("engine.attribution", "Attribution"),
     "ExplanationSet": ("engine.attribution", "ExplanationSet"),
+    "FinetuneResult": ("engine.finetune.result", "FinetuneResult"),
 }
 
 

@@ -9,7 +9,15 @@ import threading
 import pytest
 
 from engine.errors import InputError
-from engine.notebooks import NotebookError, NotebookStore, Ref, start_all, start_cell, wait_all
+from engine.notebooks import (
+    NotebookError,
+    NotebookStore,
+    Ref,
+    cell_result,
+    start_all,
+    start_cell,
+    wait_all,
+)
 
 PROMPT = "the capital of france is"
 
@@ -220,3 +228,39 @@ def test_kill_9_while_writing_a_notebook_leaves_it_readable(wb, tmp_path):
     assert len(cells) >= 3
     wb.notebooks.add_cell(book.id, "markdown", {"text": "after the crash"})  # lock not stuck
     assert wb.notebooks.get(book.id).cells[-1].spec["text"] == "after the crash"
+
+
+@pytest.mark.slow
+def test_a_finetune_cell_trains_and_a_later_cell_uses_its_model(wb, tiny_models, tmp_path):
+    data = tmp_path / "tiny.csv"
+    rows = ["text,label"] + [f"good film number {i},pos" for i in range(8)]
+    rows += [f"bad film number {i},neg" for i in range(8)]
+    data.write_text("\n".join(rows) + "\n")
+    store = wb.notebooks
+    book = store.create("train then use")
+    tune = store.add_cell(
+        book.id,
+        "finetune",
+        {
+            "base": str(tiny_models["bert"]),
+            "task": "classification",
+            "data": str(data),
+            "out": "nb-tuned",
+            "train": {"epochs": 1, "batch_size": 8, "max_length": 16},
+        },
+    )
+    use = store.add_cell(
+        book.id, "classify", {"text": "a good film"}, refs={"model": Ref(tune.id, "model")}
+    )
+    wait_all(wb, book.id, timeout=300)
+    book = store.get(book.id)
+    assert book.cell(tune.id).status == "done", book.cell(tune.id).error
+    assert book.cell(tune.id).outputs["model"] == "nb-tuned"
+    record = wb.ledger.get(book.cell(tune.id).run_id)
+    assert record.operation == "finetune" and record.status == "done"
+    tuned = cell_result(wb, book.cell(tune.id))
+    assert tuned.model == "nb-tuned" and tuned.metrics_after
+    label = cell_result(wb, book.cell(use.id))
+    assert label.provenance.model == "nb-tuned"  # the cell used the model the job produced
+    direct = wb.load("nb-tuned").classify("a good film")
+    assert (label.label, label.scores) == (direct.label, direct.scores)

@@ -130,3 +130,16 @@ def classification(result, key: str) -> None:
         {"label": list(result.scores), "probability": list(result.scores.values())}
     )
     st.bar_chart(frame, x="label", y="probability", horizontal=True, height=160)
+
+
+@renderer("FinetuneResult")
+def finetune(result, key: str) -> None:
+    """Before/after metrics of a finished fine-tune and the model it produced."""
+    st.markdown(
+        f"**{html.escape(result.model or '(adapter kept in the job folder)')}** — "
+        f"{html.escape(result.task)} on {html.escape(result.base)}, {result.steps} steps"
+    )
+    rows = result.comparison()
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.caption(f"job {result.job_id} · data {result.data_hash[:23]}…")

@@ -7,6 +7,7 @@ its end is written back into the notebook (ledger id, outputs, staleness of depe
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,20 @@ def _classify(workbench, spec: dict) -> runs.Run:
     return workbench.load(_model_name(spec)).start_classification(spec.get("text", ""))
 
 
+@starter("finetune")
+def _finetune(workbench, spec: dict):
+    """A fine-tune job (its own process); the cell follows it through its ``JobRun``."""
+    from engine.finetune import JobSpec, JobStore
+    from engine.finetune.data import sample_path, samples
+
+    raw = {k: v for k, v in spec.items() if k != "job_id"}
+    if raw.get("data") in samples():  # a shipped sample by name
+        raw["data"] = str(sample_path(raw["data"]))
+    jobs = JobStore(workbench.home)
+    info = jobs.submit(JobSpec.from_dict(raw))
+    return jobs.run(info.id)
+
+
 def cells_from_runs(workbench, notebook_id: str, run_ids: list[str]) -> Notebook:
     """Append one cell per recorded run (in the given order), showing its recorded result."""
     from engine.notebooks.book import KIND_OF_OPERATION
@@ -155,10 +170,22 @@ def _run_one(
             inner.cancel()
     snap = inner.snapshot()
     status = snap.state if snap.state in ("done", "failed", "cancelled") else "failed"
+    run_id = inner.id
+    if not isinstance(inner, runs.Run):  # a fine-tune job: recorded in the ledger here
+        record = workbench.ledger.append(
+            run_id=secrets.token_hex(8),
+            operation="finetune",
+            spec={**spec, "job_id": inner.id},
+            status=status,
+            result=snap.result,
+            seconds=snap.seconds,
+            error=snap.error,
+        )
+        run_id = record.id
     store.record_run(
         book.id,
         cell.id,
-        inner.id,
+        run_id,
         status,
         snap.error,
         outputs_of(cell, snap.result),
