@@ -53,7 +53,7 @@ def _md(text: str) -> str:
 if _last_generation() and st.button("Use the last generation"):
     st.session_state["attn_text"] = _last_generation()
 text = st.text_area("Text", DEFAULT_TEXT, key="attn_text", height=90)
-left, mid, right = st.columns([2, 1, 1])
+left, mid, right = st.columns([5, 3, 4])
 compare = left.radio(
     "Compare side by side",
     ["Off", "Another text", "Another model"],

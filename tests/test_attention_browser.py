@@ -50,6 +50,40 @@ def test_bertviz_renders_with_network_blocked(app_server, page):
     assert not blocked, blocked
 
 
+def test_too_long_for_minilm_keeps_its_error_then_truncates(app_server, page):
+    """The reported failure, in the browser: a 757-token text on MiniLM flashed a raw
+    RuntimeError and the previous text's results came back. Now the refusal stays, no old
+    result is shown, and "Truncate to the model's context" runs it on 512 tokens."""
+    from playwright.sync_api import expect
+
+    page.goto(app_server + "/attention")
+    picker = page.get_by_test_id("stSidebar").get_by_role("combobox", name="Model")
+    picker.click()
+    page.get_by_role("option", name="minilm-l6").click()
+    expect(picker).to_have_value("minilm-l6", timeout=60_000)
+    page.get_by_role("button", name="Show attention").click()
+    expect(page.get_by_text("Head statistics")).to_be_visible(timeout=120_000)
+
+    box = page.get_by_label("Text", exact=True)
+    box.fill(" ".join(["The capital of France is Paris, and unbelievably it rains there."] * 50))
+    box.press("Control+Enter")
+    page.get_by_role("button", name="Show attention").click()
+    error = page.get_by_text("reads at most 512 positions")
+    expect(error).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(2_000)  # the old page lost its error within half a second
+    expect(error).to_be_visible()
+    expect(page.get_by_text("Head statistics")).to_have_count(0)
+    assert "RuntimeError" not in page.inner_text("body")
+
+    page.get_by_test_id("stCheckbox").get_by_text("Truncate to the model's context").click()
+    page.get_by_role("button", name="Show attention").click()
+    expect(page.get_by_text("The text was truncated to 512 tokens")).to_be_visible(timeout=120_000)
+    expect(page.get_by_text("Results for:")).to_be_visible()
+    expect(error).to_have_count(0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "attention-truncated.png"))
+
+
 def test_neuron_view_renders_with_network_blocked(page, tiny_models, tmp_path):
     """The neuron view (a BERT-style encoder's queries and keys) draws offline."""
     from engine import Workbench
