@@ -102,12 +102,26 @@ def _start(sides: tuple[tuple[str, str, str], ...]) -> None:
     st.session_state.pop(REFUSED, None)
     settings = AttentionSettings(max_tokens=int(max_tokens), truncate=bool(truncate))
     request = AttentionRequest(sides, settings)
-    models = {name: ui.load_model(name) for _, name, _ in sides}
-    jobs = [(label, models[name].loaded, body) for label, name, body in sides]
     try:
+        models = {name: _load(name) for _, name, _ in sides}
+        jobs = [(label, models[name], body) for label, name, body in sides]
         st.session_state[RUN] = start_attention(jobs, settings)
-    except EngineError as exc:
+    except EngineError as exc:  # a load failure or a refusal: kept until the next click
         st.session_state[REFUSED] = (str(exc), request)
+
+
+def _load(name: str):
+    """The shared loaded model ``name``, with a progress bar when it has to load."""
+    cached = wb.manager.get(name)
+    if cached is not None:
+        return cached
+    bar = st.progress(0.0, text=f"Loading {name}…")
+    try:
+        return wb.load(
+            name, progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message)
+        ).loaded
+    finally:
+        bar.empty()
 
 
 def _for(request) -> str:

@@ -326,3 +326,13 @@ def test_a_waiting_run_says_so_and_cancel_stops_it(app, tiny_models):
         assert not any(s.value == "Head statistics" for s in app.subheader)
     finally:
         release.set()
+
+
+def test_a_model_that_cannot_load_keeps_its_error(app, tmp_path):
+    app.session_state["model_name"] = str(tmp_path / "no-such-model")
+    app.run()
+    show(app)
+    assert app.error and "no-such-model" in app.error[0].value
+    app.run()
+    assert app.error and "no-such-model" in app.error[0].value
+    assert "attention_run" not in app.session_state
