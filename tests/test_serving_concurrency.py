@@ -113,7 +113,7 @@ def measure(pages: dict) -> dict:
     t0 = {who: start(pages[who]) for who in ("A", "B")}
     done: dict[str, float] = {}
     waited_while_other_ran: dict[str, str] = {}
-    deadline = min(t0.values()) + max(budget * 3, 120)
+    deadline = min(t0.values()) + budget * 2 + 30  # past this it has failed anyway
     while len(done) < 2 and time.monotonic() < deadline:
         for who, page in pages.items():
             if who in done:
@@ -141,6 +141,7 @@ def measure(pages: dict) -> dict:
     }
 
 
+@pytest.mark.timeout(1200)
 def test_two_users_generate_at_once_within_the_sum_of_their_times(app_server, browser):
     sessions = {who: open_generate(browser, app_server, p) for who, p in PROMPTS.items()}
     pages = {who: page for who, (_, page) in sessions.items()}
