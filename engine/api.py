@@ -20,7 +20,7 @@ from engine.catalog import EMBEDDED, resolve
 from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
 from engine.errors import MissingPackageError
 from engine.generation import GenerationResult, GenerationSettings
-from engine.ledger import Ledger, RunRecord
+from engine.ledger import Ledger, RunRecord, plain
 from engine.loading import LoadOptions, Progress, _quiet
 from engine.manager import LoadedModel, ModelInfo, ModelManager
 from engine.runs import Run
@@ -151,12 +151,31 @@ class Model:
         MiniLM). Returns ``engine.classification.ClassificationResult``."""
         return self.start_classification(text, max_length).wait()
 
+    @_recorded
+    def start_attention(
+        self, text: str, settings: AttentionSettings | None = None, idle_timeout_s=None
+    ) -> Run:
+        """Attention on ``text`` as a run (result: ``AttentionComparison`` with one side).
+
+        Bad input and a result that would not fit the result budget raise here."""
+        from engine.attention import start_attention
+
+        return start_attention(
+            [(self.name, self._loaded, text)], settings, idle_timeout_s=idle_timeout_s
+        )
+
     def attention(self, text: str, settings: AttentionSettings | None = None) -> AttentionResult:
         """Every layer's and head's attention on ``text``: ``.attentions`` is a float32 array
-        shaped (layer, head, query, key). See ``engine.attention.extract``."""
-        from engine.attention import extract_attention
+        shaped (layer, head, query, key). See ``engine.attention``."""
+        return self.start_attention(text, settings).wait().sides[0].result
 
-        return extract_attention(self._loaded, text, settings)
+    @_recorded
+    def start_explanation(self, spec, idle_timeout_s: float | None = None) -> Run:
+        """An ``engine.attribution.ExplanationSpec`` (one or more methods) as a run; its
+        result is an ``ExplanationSet`` (attributions, agreement table, provenance)."""
+        from engine.attribution import start_explanation
+
+        return start_explanation(self._loaded, spec, idle_timeout_s=idle_timeout_s)
 
     def explain(
         self,
@@ -179,20 +198,24 @@ class Model:
         ("" = predicted); contrast: the alternative continuation/label ("why A rather than B");
         options: the method's options (e.g. ``{"steps": 50}``). Returns an ``Attribution``.
         """
-        from engine.attribution import TargetSpec, explain
+        from engine.attribution import ExplanationSpec, MethodRun, TargetSpec
 
-        return explain(
-            self._loaded,
+        spec = ExplanationSpec(
             text,
             TargetSpec(text=target, label=label, contrast=contrast),
-            method,
-            options,
+            (MethodRun(method, dict(options or {})),),
             per_token=per_token,
             faithfulness=faithfulness,
             seed=seed,
-            progress=progress or (lambda _f, _m: None),
-            cancel=cancel,
         )
+        run = self.start_explanation(spec)
+        while not run.join(0.1):
+            snap = run.snapshot()
+            if progress is not None:
+                progress(snap.fraction, snap.message)
+            if cancel is not None and cancel.is_set():
+                run.cancel()
+        return run.wait().attributions[0]
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, kind={self.kind!r})"
@@ -252,10 +275,20 @@ class Workbench:
         """The run ledger under ``home`` (every run of this workbench is recorded there)."""
         return Ledger(self.home)
 
+    def recording(self):
+        """Runs started in this block (on this thread) are recorded in this ledger: for
+        callers that start a capability's run directly (pages, the CLI)."""
+        return runs.recording(self.record)
+
     def record(self, run: Run, loaded: LoadedModel | None = None) -> RunRecord:
         """Append a finished run to the ledger (called on the run's worker thread)."""
         snap = run.snapshot()
         identity = {}
+        provenance = getattr(snap.result, "provenance", None)
+        if isinstance(provenance, tuple) and provenance:  # one per side (attention)
+            first = provenance[0]
+            identity = {k: getattr(first, k) for k in ("model", "fingerprint", "dtype", "device")}
+            identity["versions"] = first.versions
         if loaded is not None:
             identity = {
                 "model": loaded.name,
@@ -264,10 +297,15 @@ class Workbench:
                 "dtype": loaded.placement.dtype_name,
                 "device": str(loaded.device),
             }
+        spec = run.spec if isinstance(run.spec, dict) else plain(run.spec)
+        if not isinstance(spec, dict):
+            spec = {"spec": spec}
+        if loaded is not None:
+            spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, **spec}
         return self.ledger.append(
             run_id=run.id,
             operation=run.operation,
-            spec=run.spec if isinstance(run.spec, dict) else {"spec": run.spec},
+            spec=spec,
             status=snap.state,
             result=snap.result,
             seconds=run.seconds,

@@ -126,6 +126,16 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
+def max_result_bytes() -> int:
+    """``WORKBENCH_LEDGER_MAX_RESULT_MB`` (default 256): larger tensors are not stored."""
+    import os
+
+    try:
+        return int(float(os.environ.get("WORKBENCH_LEDGER_MAX_RESULT_MB", "256")) * 2**20)
+    except ValueError:
+        return 256 * 2**20
+
+
 def canonical(value: Any) -> str:
     """Deterministic JSON for hashing (sorted keys, no spaces, no NaN surprises)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -209,9 +219,21 @@ class Ledger:
         """
         if result is None:
             return None, None
-        if hasattr(result, "save_npz"):
+        too_big = getattr(result, "nbytes", 0) > max_result_bytes()
+        if hasattr(result, "save_npz") and not too_big:
             target = self.results / f"{run_id}.npz"
-            atomic_write(target, result.save_npz, f"the result of run {run_id}")
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    result.save_npz(fh)
+
+            atomic_write(target, write, f"the result of run {run_id}")
+        elif too_big and hasattr(result, "summary"):
+            # tensors over the cap are not kept (a class's 1,024-token attention runs would
+            # fill the disk); the record keeps everything else, and says so
+            target = self.results / f"{run_id}.json"
+            kept = {"type": "summary", "tensors_kept": False, **plain(result.summary())}
+            atomic_write_text(target, canonical(kept), f"the result of run {run_id}")
         elif hasattr(result, "to_json"):
             target = self.results / f"{run_id}.json"
             atomic_write_text(target, result.to_json(), f"the result of run {run_id}")
@@ -417,6 +439,9 @@ def _input_text(spec: dict) -> str | None:
     messages = spec.get("messages")
     if isinstance(messages, list) and messages:
         return str(messages[-1].get("content", ""))
+    sides = spec.get("sides")  # attention: (label, model, text) per side
+    if isinstance(sides, list) and sides and isinstance(sides[0], list) and len(sides[0]) == 3:
+        return " | ".join(str(side[2]) for side in sides)
     return None
 
 

@@ -180,10 +180,10 @@ def _rerun(workbench, rec: Recorded):
     starter = RERUNS.get(op)
     if starter is None:
         raise InputError(f"Runs of kind {op!r} cannot be re-run yet.")
-    return starter(model, spec, rec)
+    return starter(workbench, spec, rec)
 
 
-# operation -> starter(model, spec, recorded) -> Run, for capabilities that register one
+# operation -> starter(workbench, spec, recorded) -> Run, for capabilities that register one
 RERUNS: dict[str, Callable[[Any, dict, Recorded], Any]] = {}
 
 
@@ -227,9 +227,18 @@ def _compare_generation(old: dict, new: dict, rtol: float, atol: float) -> tuple
     return _numbers(old_lp, new_lp, rtol, atol, "token log-probabilities")
 
 
-def compare_results(operation: str, old: dict, new: dict) -> tuple[str, list[str]]:
-    """Verdict and differences between a recorded and a new result (both as ``to_dict()``)."""
+def compare_results(operation: str, old: Any, new: Any) -> tuple[str, list[str]]:
+    """Verdict and differences between a recorded result and a new one.
+
+    ``old``: the recorded result as plain data (``{"file": path}`` for an npz result);
+    ``new``: the new result object, or its ``to_dict()``.
+    """
     rtol, atol = TOLERANCES.get(operation, (0.0, 0.0))
+    comparer = COMPARERS.get(operation)
+    if comparer is not None:
+        return comparer(old, new, rtol, atol)
+    if not isinstance(new, dict):
+        new = _as_dict(new)
     if operation == "generate":
         return _compare_generation(old, new, rtol, atol)
     if operation == "compare":
@@ -258,14 +267,82 @@ def compare_results(operation: str, old: dict, new: dict) -> tuple[str, list[str
         if old.get("label") != new.get("label"):
             return "mismatch", [f"label {old.get('label')!r} recorded, {new.get('label')!r} now"]
         return _numbers(old["logits"], new["logits"], rtol, atol, "logits")
-    comparer = COMPARERS.get(operation)
-    if comparer is None:
-        raise InputError(f"Runs of kind {operation!r} cannot be compared yet.")
-    return comparer(old, new, rtol, atol)
+    raise InputError(f"Runs of kind {operation!r} cannot be compared yet.")
 
 
 # operation -> comparer(old, new, rtol, atol), for capabilities that register one
-COMPARERS: dict[str, Callable[[dict, dict, float, float], tuple[str, list[str]]]] = {}
+COMPARERS: dict[str, Callable[[Any, Any, float, float], tuple[str, list[str]]]] = {}
+
+
+def _rerun_attention(workbench, spec: dict, rec: Recorded):
+    from engine.attention import AttentionSettings, start_attention
+
+    jobs = [(label, workbench.load(name).loaded, text) for label, name, text in spec["sides"]]
+    settings = AttentionSettings(**(spec.get("settings") or {}))
+    with workbench.recording():
+        return start_attention(jobs, settings, idle_timeout_s=None)
+
+
+def _compare_attention(old: Any, new: Any, rtol: float, atol: float) -> tuple[str, list[str]]:
+    from engine.attention.run import AttentionComparison
+
+    if not isinstance(old, dict) or "file" not in old:
+        return "cannot reproduce", ["the attention tensors of this run were not kept (size)"]
+    recorded = AttentionComparison.load_npz(old["file"])
+    verdicts, notes = [], []
+    for a, b in zip(recorded.sides, new.sides, strict=False):
+        if a.result.token_ids != b.result.token_ids:
+            return "mismatch", [f"{a.label}: the text tokenizes differently"]
+        verdict, diffs = _numbers(
+            a.result.attentions, b.result.attentions, rtol, atol, f"{a.label}: attention weights"
+        )
+        verdicts.append(verdict)
+        notes += diffs
+    if len(recorded.sides) != len(new.sides):
+        return "mismatch", ["a different number of inputs"]
+    return _worst(*verdicts), notes
+
+
+def _rerun_explain(workbench, spec: dict, rec: Recorded):
+    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec
+
+    target = {
+        k: v for k, v in (spec.get("target") or {}).items() if k in TargetSpec.__dataclass_fields__
+    }
+    methods = tuple(
+        MethodRun(m["method"], {k: v for k, v in m.get("options") or []})
+        for m in spec.get("methods") or []
+    )
+    explanation = ExplanationSpec(
+        spec.get("text", ""),
+        TargetSpec(**target),
+        methods,
+        per_token=bool(spec.get("per_token", False)),
+        faithfulness=bool(spec.get("faithfulness", True)),
+        seed=int(spec.get("seed", 0)),
+    )
+    return workbench.load(rec.model).start_explanation(explanation)
+
+
+def _compare_explain(old: Any, new: Any, rtol: float, atol: float) -> tuple[str, list[str]]:
+    new = new if isinstance(new, dict) else _as_dict(new)
+    verdicts, notes = [], []
+    old_sets, new_sets = old.get("attributions", []), new.get("attributions", [])
+    if [a["method"] for a in old_sets] != [a["method"] for a in new_sets]:
+        return "mismatch", ["the methods differ"]
+    for a, b in zip(old_sets, new_sets, strict=True):
+        if a["tokens"] != b["tokens"]:
+            return "mismatch", [f"{a['method']}: the input tokenizes differently"]
+        verdict, diffs = _numbers(a["scores"], b["scores"], rtol, atol, f"{a['method']} scores")
+        verdicts.append(verdict)
+        notes += diffs
+    return _worst(*verdicts), notes
+
+
+RERUNS["attention"] = _rerun_attention
+COMPARERS["attention"] = _compare_attention
+RERUNS["explain"] = _rerun_explain
+COMPARERS["explain"] = _compare_explain
 
 
 # --- the verdict ------------------------------------------------------------------------------
@@ -287,6 +364,8 @@ def reproduce(workbench, source: str | Path | RunRecord) -> Verdict:
         rec = from_record(workbench.ledger, workbench.ledger.get(str(source)))
     if rec.result is None and rec.result_file is None:
         return _cannot(rec, "the record holds no result to compare with (the run failed)")
+    if isinstance(rec.result, dict) and rec.result.get("tensors_kept") is False:
+        return _cannot(rec, "the result's tensors were too large to keep in the ledger")
     if rec.operation != "compare":
         if not rec.model:
             return _cannot(rec, "the record names no model")
@@ -308,7 +387,7 @@ def reproduce(workbench, source: str | Path | RunRecord) -> Verdict:
     old = rec.result
     if old is None and rec.result_file is not None:
         old = {"file": str(rec.result_file)}
-    verdict, differences = compare_results(rec.operation, old, _as_dict(new))
+    verdict, differences = compare_results(rec.operation, old, new)
     return Verdict(
         rec.run_id,
         rec.operation,

@@ -38,9 +38,14 @@ def load_result_file(path: Path) -> Any:
     """A stored result file as its typed object (npz: ``AttentionResult``; JSON: by its
     ``type``), or the plain data when the type is unknown."""
     if path.suffix == ".npz":
-        from engine.attention import AttentionResult
+        import numpy as np
 
-        return AttentionResult.load_npz(path)
+        from engine.attention import AttentionResult
+        from engine.attention.run import AttentionComparison
+
+        with np.load(path, allow_pickle=False) as data:
+            several = "labels" in data.files
+        return (AttentionComparison if several else AttentionResult).load_npz(path)
     data = json.loads(path.read_text())
     cls = result_class(data.get("type") if isinstance(data, dict) else None)
     return cls.from_dict(data) if cls is not None else data

@@ -143,3 +143,91 @@ def finetune(result, key: str) -> None:
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     st.caption(f"job {result.job_id} · data {result.data_hash[:23]}…")
+
+
+@renderer("AttentionResult")
+def attention_result(result, key: str) -> None:
+    """One input's attention: a heatmap of a chosen layer and head (averages allowed) and the
+    per-head statistics. The Attention page adds bertviz views on top of this."""
+    from engine.attention import AggregationSettings, aggregate, head_statistics
+    from engine.attention.views import heatmap_chart
+
+    st.caption(
+        f"{result.n_tokens} tokens · {result.n_layers} layers × {result.n_heads} heads · "
+        f"model {result.provenance.model}"
+    )
+    c1, c2 = st.columns(2)
+    layers = ["mean", *range(result.n_layers)]
+    heads = ["mean", *range(result.n_heads)]
+    layer = c1.selectbox("Layer", layers, key=f"{key}_layer")
+    head = c2.selectbox("Head", heads, key=f"{key}_head")
+    view = aggregate(
+        result,
+        AggregationSettings(
+            layers=None if layer == "mean" else (layer, layer),
+            heads=None if head == "mean" else (head, head),
+            merge_words=result.n_tokens > 64,
+            max_side=64,
+        ),
+    )
+    st.altair_chart(heatmap_chart(view, view.description, size=420), width="content")
+    with st.expander("Per-head statistics"):
+        st.dataframe(head_statistics(result.attentions).to_frame(), hide_index=True)
+
+
+@renderer("AttentionComparison")
+def attention_comparison(result, key: str) -> None:
+    cols = st.columns(len(result.sides))
+    for i, (col, side) in enumerate(zip(cols, result.sides, strict=True)):
+        with col:
+            if len(result.sides) > 1:
+                st.markdown(f"**{html.escape(side.label)}**")
+            st.text(side.result.text[:300])
+            attention_result(side.result, f"{key}_{i}")
+
+
+@renderer("Attribution")
+def attribution(result, key: str, level: str = "token") -> None:
+    """One method's explanation: target, completeness, coloured text, top tokens, per-output
+    matrix and faithfulness curves (the same view as the Explain page)."""
+    cols = st.columns(3)
+    cols[0].metric("Target score f(input)", f"{result.target_score:.4f} nats")
+    cols[1].metric("Time", f"{result.seconds:.2f} s")
+    cols[2].metric("Forward rows", result.forward_rows)
+    st.text(f"Target: {result.target_description}")
+    if result.target.get("anchor_first"):
+        st.caption(
+            "The first token is held fixed (score 0): the tokenizer adds no BOS token, and "
+            "moving the first position (the model's attention sink) breaks Integrated "
+            "Gradients' convergence."
+        )
+    statement = result.delta_statement()
+    if statement:
+        (st.success if result.delta_ok else st.warning)(statement)
+    st.html(result.html())
+    st.altair_chart(result.bar_chart(level), width="stretch")
+    matrix = result.matrix_chart()
+    if matrix is not None:
+        st.markdown("**Per-output-token attribution** (rows: target tokens)")
+        st.altair_chart(matrix, width="stretch")
+    faith = result.faithfulness
+    if faith is not None:
+        st.markdown("**Faithfulness** (deletion / insertion of the top-ranked tokens)")
+        m = st.columns(3)
+        m[0].metric("Comprehensiveness (AOPC)", f"{faith.comprehensiveness:.4f}")
+        m[1].metric("Random-order AOPC", f"{faith.random_comprehensiveness:.4f}")
+        m[2].metric("Sufficiency", f"{faith.sufficiency:.4f}")
+        st.altair_chart(faith.chart(), width="stretch")
+
+
+@renderer("ExplanationSet")
+def explanation_set(result, key: str, level: str = "token") -> None:
+    """Every method in a tab, then the agreement table."""
+    st.text(f"Input: {result.text}")
+    tabs = st.tabs([a.method_title for a in result.attributions])
+    for tab, one in zip(tabs, result.attributions, strict=True):
+        with tab:
+            attribution(one, key, level)
+    if result.agreement is not None:
+        st.markdown("**Method agreement**")
+        st.dataframe(result.agreement_frame(), hide_index=True, width="stretch")

@@ -12,9 +12,12 @@ released when nobody holds the run any more, so a caller keeps the run, not copi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from engine import runs
 from engine.attention.extract import (
@@ -89,6 +92,69 @@ class AttentionComparison:
     def nbytes(self) -> int:
         """Bytes held by the sides' arrays."""
         return sum(side.result.nbytes for side in self.sides)
+
+    def save_npz(self, target) -> None:
+        """Write every side (``side{i}_attentions`` (layer, head, query, key), tokens, ids,
+        text, provenance, queries/keys when recorded) and the request to an uncompressed .npz
+        (a path ending in .npz or an open binary file). Uncompressed: the run ledger stores
+        results as they end, and compressing a 1 GB tensor would take tens of seconds."""
+        from dataclasses import asdict
+
+        arrays: dict[str, np.ndarray] = {
+            "request": np.array(
+                json.dumps({"sides": self.request.sides, "settings": asdict(self.request.settings)})
+            ),
+            "seconds": np.array(self.seconds),
+            "labels": np.array([side.label for side in self.sides], dtype=str),
+        }
+        for i, side in enumerate(self.sides):
+            r = side.result
+            arrays |= {
+                f"side{i}_attentions": r.attentions,
+                f"side{i}_tokens": np.array(r.tokens, dtype=str),
+                f"side{i}_token_ids": np.array(r.token_ids, dtype=np.int64),
+                f"side{i}_word_ids": np.array(r.word_ids, dtype=np.int64),
+                f"side{i}_text": np.array(r.text),
+                f"side{i}_causal": np.array(r.causal),
+                f"side{i}_dropped_tokens": np.array(r.dropped_tokens, dtype=np.int64),
+                f"side{i}_provenance": np.array(json.dumps(asdict(r.provenance))),
+                f"side{i}_seconds": np.array(r.seconds),
+            }
+            if r.queries is not None:
+                arrays[f"side{i}_queries"], arrays[f"side{i}_keys"] = r.queries, r.keys
+        np.savez(target, **arrays)
+
+    @classmethod
+    def load_npz(cls, source) -> AttentionComparison:
+        """Read back what ``save_npz`` wrote (head statistics are recomputed)."""
+        with np.load(source, allow_pickle=False) as data:
+            raw = json.loads(str(data["request"]))
+            request = AttentionRequest(
+                tuple(tuple(side) for side in raw["sides"]), AttentionSettings(**raw["settings"])
+            )
+            sides = []
+            for i, label in enumerate(data["labels"]):
+
+                def get(name: str, i: int = i):
+                    key = f"side{i}_{name}"
+                    return data[key] if key in data.files else None
+
+                queries = get("queries")
+                result = AttentionResult(
+                    text=str(get("text")),
+                    tokens=[str(t) for t in get("tokens")],
+                    token_ids=[int(t) for t in get("token_ids")],
+                    word_ids=[int(t) for t in get("word_ids")],
+                    attentions=np.asarray(get("attentions"), dtype=np.float32),
+                    causal=bool(get("causal")),
+                    provenance=Provenance(**json.loads(str(get("provenance")))),
+                    seconds=float(get("seconds")),
+                    queries=None if queries is None else np.asarray(queries),
+                    keys=None if queries is None else np.asarray(get("keys")),
+                    dropped_tokens=int(get("dropped_tokens")),
+                )
+                sides.append(AttentionSide(str(label), result, head_statistics(result.attentions)))
+            return cls(request, tuple(sides), float(data["seconds"]))
 
     def summary(self) -> dict:
         """Everything but the tensors (JSON-ready)."""

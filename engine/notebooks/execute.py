@@ -83,6 +83,44 @@ def _classify(workbench, spec: dict) -> runs.Run:
     return workbench.load(_model_name(spec)).start_classification(spec.get("text", ""))
 
 
+@starter("attention")
+def _attention(workbench, spec: dict) -> runs.Run:
+    from engine.attention import AttentionSettings
+
+    settings = AttentionSettings(
+        max_tokens=int(spec.get("max_tokens", 1024)), truncate=bool(spec.get("truncate", False))
+    )
+    return workbench.load(_model_name(spec)).start_attention(spec.get("text", ""), settings)
+
+
+def explanation_spec(spec: dict):
+    """An ``ExplanationSpec`` from a cell's plain spec: text, target / label / contrast,
+    ``method`` (or ``methods``), ``options``, per_token, faithfulness, seed."""
+    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec
+
+    names = spec.get("methods") or [spec.get("method") or "integrated_gradients"]
+    options = spec.get("options") or {}
+    if not isinstance(options, dict):
+        raise InputError('The method options must be an object, e.g. {"steps": 50}.')
+    return ExplanationSpec(
+        spec.get("text", ""),
+        TargetSpec(
+            text=spec.get("target") or "",
+            label=spec.get("label") or None,
+            contrast=spec.get("contrast") or None,
+        ),
+        tuple(MethodRun(str(name), options) for name in names),
+        per_token=bool(spec.get("per_token", False)),
+        faithfulness=bool(spec.get("faithfulness", True)),
+        seed=int(spec.get("seed", 0)),
+    )
+
+
+@starter("explain")
+def _explain(workbench, spec: dict) -> runs.Run:
+    return workbench.load(_model_name(spec)).start_explanation(explanation_spec(spec))
+
+
 @starter("finetune")
 def _finetune(workbench, spec: dict):
     """A fine-tune job (its own process); the cell follows it through its ``JobRun``."""

@@ -92,6 +92,41 @@ def _score_code(spec: dict) -> str:
     )
 
 
+@code_for("attention")
+def _attention_code(spec: dict) -> str:
+    (label, model, text), *others = spec.get("sides") or [["", spec.get("model"), ""]]
+    if others:
+        sides = ", ".join(
+            f"({_lit(lab)}, wb.load({_lit(m)}).loaded, {_lit(t)})" for lab, m, t in spec["sides"]
+        )
+        return (
+            "from engine.attention import AttentionSettings, start_attention\n"
+            f"result = start_attention([{sides}], AttentionSettings(**{_lit(spec.get('settings') or {})})).wait()"
+        )
+    return (
+        "from engine.attention import AttentionSettings\n"
+        f"result = wb.load({_lit(model)}).start_attention({_lit(text)}, "
+        f"AttentionSettings(**{_lit(spec.get('settings') or {})})).wait()"
+    )
+
+
+@code_for("explain")
+def _explain_code(spec: dict) -> str:
+    target = {k: v for k, v in (spec.get("target") or {}).items() if v is not None}
+    methods = ", ".join(
+        f"MethodRun({_lit(m['method'])}, {_lit(dict(m.get('options') or []))})"
+        for m in spec.get("methods") or []
+    )
+    return (
+        "from engine.attribution import ExplanationSpec, MethodRun, TargetSpec\n"
+        f"result = wb.load({_lit(spec.get('model'))}).start_explanation(ExplanationSpec(\n"
+        f"    {_lit(spec.get('text', ''))},\n    TargetSpec(**{_lit(target)}),\n"
+        f"    ({methods},),\n    per_token={bool(spec.get('per_token'))!r}, "
+        f"faithfulness={bool(spec.get('faithfulness', True))!r}, seed={int(spec.get('seed', 0))},\n"
+        ")).wait()"
+    )
+
+
 # --- JSON bundle ------------------------------------------------------------------------------
 
 
@@ -126,6 +161,7 @@ def bundle(book: Notebook, ledger: Ledger) -> dict:
 SETUP = '''# Reproduces the notebook {name!r} through the LLMOS Workbench Python API.
 # Each cell re-runs one recorded run and checks it against the recorded result.
 import json
+import os
 from engine import Workbench
 from engine.generation import ChatMessage, GenerationSettings
 from engine.reproduce import compare_results
@@ -138,7 +174,10 @@ def check(operation, recorded, result):
     if recorded is None:
         print("(no recorded result to compare with)")
         return None
-    verdict, differences = compare_results(operation, recorded, json.loads(result.to_json()))
+    if "file" in recorded and not os.path.exists(recorded["file"]):
+        print("(the recorded tensors are not on this machine: nothing to compare with)")
+        return None
+    verdict, differences = compare_results(operation, recorded, result)
     print(f"verdict: {{verdict}}", *differences, sep="\\n  ")
     assert verdict in ("exact", "within tolerance"), differences
     return verdict
@@ -149,6 +188,8 @@ def _summary(result: Any) -> str:
     text = getattr(result, "text", None)
     if isinstance(text, str):
         return text
+    if hasattr(result, "sides"):
+        return "; ".join(f"{s.label}: {s.result.n_tokens} tokens" for s in result.sides)
     for name in ("perplexity", "label", "bleu"):
         if hasattr(result, name):
             return f"{name}: {getattr(result, name)}"
@@ -180,6 +221,8 @@ def to_ipynb(book: Notebook, ledger: Ledger) -> str:
         recorded = None
         if stored is not None and stored.suffix == ".json" and stored.stat().st_size < 2_000_000:
             recorded = json.loads(stored.read_text())
+        elif stored is not None and stored.suffix == ".npz":
+            recorded = {"file": str(stored)}  # the ledger's tensors on this machine
         source = (
             f"# Cell {position}: {record.operation} on {record.model} (run {record.id})\n"
             f"{coder(record.spec)}\n"
@@ -295,6 +338,73 @@ def _perplexity_section(result, _record) -> str:
 def _classify_section(result, _record) -> str:
     scores = ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in result.scores.items())
     return f"<pre>{html.escape(result.text)}</pre><p>Label <b>{html.escape(result.label)}</b> ({scores})</p>"
+
+
+def _png(chart) -> str:
+    """An altair chart as an inline PNG (no script needed to read the report)."""
+    try:
+        from engine.attention.views import chart_png
+
+        data = base64.b64encode(chart_png(chart, scale=1.5)).decode()
+    except Exception as exc:  # noqa: BLE001 - a figure that cannot render must not lose the report
+        return f"<p class='note'>(figure unavailable: {html.escape(str(exc))})</p>"
+    return f"<img alt='figure' style='max-width:100%' src='data:image/png;base64,{data}'>"
+
+
+@section_for("attention")
+def _attention_section(result, _record) -> str:
+    from engine.attention import AggregationSettings, aggregate
+    from engine.attention.views import heatmap_chart
+
+    parts = []
+    for side in result.sides:
+        r = side.result
+        view = aggregate(r, AggregationSettings(merge_words=r.n_tokens > 48, max_side=48))
+        stats = side.stats.to_frame()
+        sink = stats.sort_values("first_token", ascending=False).head(3)
+        prev = stats.sort_values("previous_token", ascending=False).head(3)
+        heads = lambda rows: ", ".join(  # noqa: E731
+            f"L{int(a)}H{int(b)}" for a, b in zip(rows["layer"], rows["head"], strict=True)
+        )
+        parts.append(
+            f"<p><b>{html.escape(side.label)}</b>: {r.n_tokens} tokens, {r.n_layers} layers × "
+            f"{r.n_heads} heads</p><pre>{html.escape(r.text)}</pre>"
+            f"{_png(heatmap_chart(view, view.description, size=420))}"
+            f"<p class='note'>Heads that attend most to the first token: {heads(sink)}; "
+            f"to the previous token: {heads(prev)}.</p>"
+        )
+    return "".join(parts)
+
+
+@section_for("explain")
+def _explain_section(result, _record) -> str:
+    parts = [f"<pre>{html.escape(result.text)}</pre>"]
+    for a in result.attributions:
+        parts.append(f"<h4>{html.escape(a.method_title)}</h4>")
+        parts.append(f"<p>Target: {html.escape(a.target_description)}</p>")
+        statement = a.delta_statement()
+        if statement:
+            cls = "verdict-ok" if a.delta_ok else "verdict-bad"
+            parts.append(f"<p class='{cls}'>Completeness: {html.escape(statement)}</p>")
+        parts.append(a.html())
+        faith = a.faithfulness
+        if faith is not None:
+            better = faith.comprehensiveness > faith.random_comprehensiveness
+            parts.append(
+                "<p>Faithfulness: comprehensiveness (AOPC, higher is better: removing the "
+                f"top-ranked tokens first lowers the score more) <b>{faith.comprehensiveness:.4f}"
+                f"</b> against <b>{faith.random_comprehensiveness:.4f}</b> for a random order "
+                f"({'above' if better else 'NOT above'} random); sufficiency (lower is better: "
+                f"keeping only the top tokens keeps the score) <b>{faith.sufficiency:.4f}</b>.</p>"
+            )
+    if result.agreement is not None:
+        frame = result.agreement_frame()
+        rows = [
+            (f"{r['method_a']} vs {r['method_b']}", f"Spearman {r['spearman']:.3f}")
+            for r in frame.to_dict("records")
+        ]
+        parts.append("<h4>Method agreement</h4>" + _table(rows))
+    return "".join(parts)
 
 
 @section_for("compare")
