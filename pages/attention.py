@@ -105,7 +105,8 @@ def _start(sides: tuple[tuple[str, str, str], ...]) -> None:
     try:
         models = {name: _load(name) for _, name, _ in sides}
         jobs = [(label, models[name], body) for label, name, body in sides]
-        st.session_state[RUN] = start_attention(jobs, settings)
+        with wb.recording():  # the run goes into the run ledger (History, notebooks)
+            st.session_state[RUN] = start_attention(jobs, settings)
     except EngineError as exc:  # a load failure or a refusal: kept until the next click
         st.session_state[REFUSED] = (str(exc), request)
 
@@ -439,6 +440,7 @@ def main() -> None:
     elif snap is not None:
         _result_header(snap.result, current)
         explorer()
+        ui.add_to_notebook(run.id, "attn_add_to_notebook")
 
 
 main()

@@ -140,3 +140,28 @@ def test_generate_page_adds_its_run_to_the_notebook(home, tiny_models):
     assert cell.kind == "generate" and cell.status == "done"
     assert cell.run_id == at.session_state["gen_result_run_id"]
     assert cell.outputs["text"] == at.session_state["gen_result"].text
+
+
+def test_attention_page_records_its_run_and_adds_it_to_a_notebook(home, tiny_models):
+    import streamlit as st
+
+    from engine.ledger import Ledger
+    from engine.notebooks import NotebookStore, cell_result
+
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["model_name"] = str(tiny_models["llama"])
+    at.run()
+    at.switch_page("../pages/attention.py").run()
+    next(b for b in at.button if b.label == "Show attention").click().run()
+    rerun_until(at, lambda a: any(b.key == "attn_add_to_notebook" for b in a.button))
+    (record,) = Ledger(home).records()
+    assert record.operation == "attention" and record.status == "done"
+    at.button(key="attn_add_to_notebook").click().run()
+    (info,) = NotebookStore(home).list()
+    cell = NotebookStore(home).get(info.id).cells[0]
+    assert cell.kind == "attention" and cell.run_id == record.id
+    from engine import Workbench
+
+    shown = cell_result(Workbench(home=home, device="cpu"), cell)
+    assert shown.sides[0].result.text == record.input_text
