@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 
 import numpy as np
@@ -762,12 +764,14 @@ def test_html_report_escapes_hostile_text(llama):
     assert "onerror=" not in report.replace("onerror=alert(", "")  # only escaped copies
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in report  # the input, shown as text
     assert "&quot;&gt;&lt;img src=x onerror=alert(2)&gt;" in report
-    assert "&lt;img src=x onerror=alert(3)&gt;" in report  # the target, in its description
+    # (the target's markup is not in the tiny vocabulary: it decodes to [UNK] tokens)
+    assert "log p(&#x27;paris[UNK][UNK]" in report
     # the coloured spans cover the original characters, escaped
     assert report.count('class="tok"') == 2 * int(runs[0].free.sum())
-    for attribution in runs:
+    for attribution in runs:  # the coloured text: only our spans, its text is the input
         block = attribution.html()
-        assert "<script" not in block and "<img" not in block and "&lt;script&gt;" in block
+        assert "<script" not in block and "<img" not in block
+        assert html.unescape(re.sub(r"<[^>]+>", "", block)) == HOSTILE
 
 
 def test_cli_explain_json(tiny_models, capsys, monkeypatch, tmp_path):

@@ -130,4 +130,4 @@ def test_smollm_estimate_range_brackets_the_run(smollm, private_timing_cache):
         result.seconds,
     )
     rates = private_timing_cache.cached(loaded, plan.tokens)
-    assert len(rates.backward) == 2  # the benchmark's sample, then this run's
+    assert len(rates.backward) == 3  # the benchmark's cold and warm passes, then this run

@@ -32,12 +32,13 @@ import torch
 from engine.files import DiskError, atomic_write_json
 
 MIN_BUCKET = 16
-TOKENS_PER_PASS = 64  # benchmark batch: about this many tokens per pass (at least one row)
+TOKENS_PER_PASS = 256  # benchmark batch: about this many tokens per pass (at least one row)
 KEEP = 8  # samples kept per kind (the benchmark's first, then the latest observed runs)
 MAX_AGE_S = 7 * 24 * 3600
 # The range shown: fastest sample x LOW to slowest sample x HIGH. Runs batch more rows per pass
-# than the benchmark (cheaper per row), and a shared machine's load changes within seconds
-# (measured on 2 shared cores: the same IG run took 7 s and 35 s).
+# than the benchmark (cheaper per row); the first pass of a new shape costs 4-25x a later one
+# (fresh memory), and a shared machine's load changes within seconds (measured on 2 shared
+# cores: the same IG run on SmolLM2 took 31.7 s, then 4.0 s).
 LOW, HIGH = 0.5, 2.0
 
 _RATES: dict[str, Rates] = {}
@@ -55,8 +56,9 @@ def bucket(tokens: int) -> int:
 class Rates:
     """Seconds per row at ``bucket`` tokens: samples of forward-only and forward+backward rows.
 
-    forward / backward: seconds per row, benchmark repetitions and observed runs (at most
-    ``KEEP`` each); batch: rows per pass of the benchmark; measured: when (epoch seconds).
+    forward / backward: seconds per row: the benchmark's first (cold: a new shape) and second
+    (warm) pass, then observed runs (at most ``KEEP`` each); batch: rows per pass of the
+    benchmark; measured: when (epoch seconds).
     """
 
     key: str
@@ -70,7 +72,7 @@ class Rates:
         """(low, expected, high) seconds of ``rows`` rows of ``tokens`` tokens."""
         samples = sorted(self.backward if gradient else self.forward)
         scale = rows * min(tokens, self.bucket) / self.bucket
-        middle = samples[len(samples) // 2]
+        middle = samples[(len(samples) - 1) // 2]  # the lower median: warm passes
         return samples[0] * scale * LOW, middle * scale, samples[-1] * scale * HIGH
 
 
@@ -198,9 +200,12 @@ def _score_fn(loaded):
 
 
 def _measure(loaded, key: str, length: int) -> Rates:
-    """Time one forward+backward and one forward batch of ``length``-token rows, after an
-    untimed pass of the same shapes (the first pass of a shape allocates and picks kernels,
-    measured here at 5-20x a later one). Call inside ``loaded.use()``."""
+    """Time two forward+backward and two forward batches of ``length``-token rows.
+
+    The first pass of a shape allocates fresh memory and picks kernels (measured here at 4-25x
+    a later pass), and a real run's first pass at a new length pays the same: both the cold
+    and the warm pass are kept as samples. Call inside ``loaded.use()``.
+    """
     model = loaded.model
     embedding = model.get_input_embeddings()
     vocab = int(embedding.weight.shape[0])
@@ -216,7 +221,7 @@ def _measure(loaded, key: str, length: int) -> Rates:
         fn()
         if cuda:
             torch.cuda.synchronize(loaded.device)
-        return time.perf_counter() - started
+        return (time.perf_counter() - started) / batch
 
     with frozen_parameters(model):
         with torch.no_grad():
@@ -230,15 +235,14 @@ def _measure(loaded, key: str, length: int) -> Rates:
             xg = x.detach().clone().requires_grad_()
             torch.autograd.grad(score(xg).sum(), xg)
 
-        backward()  # warm-up, untimed
-        backward_s = timed(backward) / batch
-        forward_s = timed(forward) / batch
+        backward_s = (timed(backward), timed(backward))  # cold, then warm
+        forward_s = (timed(forward), timed(forward))
     return Rates(
         key=key,
         bucket=length,
         batch=batch,
-        forward=(forward_s,),
-        backward=(backward_s,),
+        forward=forward_s,
+        backward=backward_s,
         measured=time.time(),
     )
 
