@@ -282,7 +282,7 @@ class Workbench:
 
     def record(self, run: Run, loaded: LoadedModel | None = None) -> RunRecord:
         """Append a finished run to the ledger (called on the run's worker thread)."""
-        snap = run.snapshot()
+        snap = run.outcome()
         identity = {}
         provenance = getattr(snap.result, "provenance", None)
         if isinstance(provenance, tuple) and provenance:  # one per side (attention)

@@ -383,10 +383,22 @@ class Run(Generic[R]):
         self._last_polled = time.monotonic()
 
     def snapshot(self) -> RunSnapshot[R]:
-        """A consistent copy of the run's state; also counts as a poll for the idle timeout."""
+        """A consistent copy of the run's state; also counts as a poll for the idle timeout.
+
+        A run shows as finished only once it is completely over (its ``on_finish``, e.g. the
+        ledger record, included), so whoever sees "done" can also find its record.
+        """
         self.touch()
+        return self.outcome(final_only=True)
+
+    def outcome(self, final_only: bool = False) -> RunSnapshot[R]:
+        """The run's state as it is, without counting as a poll: what an ``on_finish``
+        callback reads (the run has ended but ``done`` is not set until the callback returns).
+        ``final_only``: report an ended run as still running until ``done`` is set."""
         with self._lock:
             state = self._state
+            if final_only and state in FINISHED and not self._done.is_set():
+                state = "running"
             message = self._waiting_for or self._message
             return RunSnapshot(
                 id=self.id,

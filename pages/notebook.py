@@ -26,6 +26,7 @@ KIND_LABELS = {
     "attention": "Attention",
     "explain": "Explain",
     "classify": "Classify",
+    "finetune": "Fine-tune",
 }
 
 st.title("Notebook")
@@ -132,20 +133,25 @@ def _models(kinds: tuple[str, ...]) -> list[str]:
     return names if current in names else [current, *names]
 
 
-def _ref_picker(label: str, cells_above, key: str, kinds=("generate",)) -> Ref | None:
+def _ref_picker(
+    label: str, cells_above, key: str, kinds=("generate",), current: Ref | None = None
+) -> Ref | None:
     """ "Use the output of cell N" for a field, or None to type it."""
     options = [None] + [
         (c.id, out) for c in cells_above if c.kind in kinds for out in OUTPUTS.get(c.kind, {})
     ]
     position = {c.id: i + 1 for i, c in enumerate(book.cells)}
+    kind_of = {c.id: c.kind for c in book.cells}
 
     def fmt(option) -> str:
         if option is None:
             return "type it here"
         cell_id, out = option
-        return f"cell {position[cell_id]}: {OUTPUTS['generate' if out != 'model' else 'finetune'][out]}"
+        return f"cell {position[cell_id]}: {OUTPUTS[kind_of[cell_id]][out]}"
 
-    chosen = st.selectbox(label, options, format_func=fmt, key=key)
+    now = (current.cell, current.output) if current else None
+    index = options.index(now) if now in options else 0
+    chosen = st.selectbox(label, options, index=index, format_func=fmt, key=key)
     return Ref(*chosen) if chosen else None
 
 
@@ -158,9 +164,26 @@ def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[di
         if kind in ("generate", "evaluate", "attention", "explain", "classify"):
             wanted = ("classifier",) if kind == "classify" else ("causal-lm", "seq2seq", "encoder")
             names = _models(wanted)
-            model = spec.get("model") or names[0]
-            names = names if model in names else [model, *names]
-            spec["model"] = st.selectbox("Model", names, index=names.index(model), key=f"{key}_m")
+            model_ref = (
+                _ref_picker(
+                    "Model from",
+                    cells_above,
+                    f"{key}_mref",
+                    kinds=("finetune",),
+                    current=refs.get("model"),
+                )
+                if any(c.kind == "finetune" for c in cells_above)
+                else None
+            )
+            if model_ref is None:
+                refs.pop("model", None)
+                model = spec.get("model") or names[0]
+                names = names if model in names else [model, *names]
+                spec["model"] = st.selectbox(
+                    "Model", names, index=names.index(model), key=f"{key}_m"
+                )
+            else:
+                refs["model"] = model_ref
         if kind == "compare":
             names = _models(("causal-lm", "seq2seq"))
             spec["models"] = st.multiselect(
@@ -170,15 +193,19 @@ def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[di
                 key=f"{key}_ms",
             )
         field = {"generate": "prompt", "compare": "prompt"}.get(kind, "text")
-        if kind != "markdown":
-            ref = _ref_picker(f"{field.capitalize()} from", cells_above, f"{key}_ref")
+        if kind not in ("markdown", "finetune"):
+            ref = _ref_picker(
+                f"{field.capitalize()} from", cells_above, f"{key}_ref", current=refs.get(field)
+            )
             if ref is None:
                 refs.pop(field, None)
                 spec[field] = st.text_area(field.capitalize(), spec.get(field, ""), key=f"{key}_t")
             else:
                 refs[field] = ref
         if kind == "explain":
-            target_ref = _ref_picker("Target from", cells_above, f"{key}_tref")
+            target_ref = _ref_picker(
+                "Target from", cells_above, f"{key}_tref", current=refs.get("target")
+            )
             if target_ref is None:
                 refs.pop("target", None)
                 spec["target"] = st.text_input(
@@ -188,9 +215,46 @@ def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[di
                 )
             else:
                 refs["target"] = target_ref
-            spec["method"] = st.text_input(
-                "Method", spec.get("method", "integrated_gradients"), key=f"{key}_method"
+            from engine.attribution import all_methods
+
+            names = [m.name for m in all_methods()]
+            chosen = [m for m in spec.get("methods") or ["integrated_gradients"] if m in names]
+            spec["methods"] = st.multiselect("Methods", names, default=chosen, key=f"{key}_methods")
+            spec.pop("method", None)
+        if kind == "attention":
+            spec["max_tokens"] = int(
+                st.number_input(
+                    "Max tokens", 2, 4096, int(spec.get("max_tokens", 1024)), key=f"{key}_mt"
+                )
             )
+            spec["truncate"] = st.checkbox(
+                "Truncate to the model's context", bool(spec.get("truncate")), key=f"{key}_tr"
+            )
+        if kind == "finetune":
+            from engine.finetune import samples
+
+            spec["base"] = st.text_input(
+                "Base model", spec.get("base", "minilm-l6"), key=f"{key}_b"
+            )
+            spec["task"] = st.selectbox(
+                "Task",
+                ["classification", "causal-lm"],
+                key=f"{key}_task",
+                index=["classification", "causal-lm"].index(spec.get("task", "classification")),
+            )
+            spec["data"] = st.text_input(
+                f"Data: a shipped sample ({', '.join(samples())}) or a file path",
+                spec.get("data", "sentiment"),
+                key=f"{key}_data",
+            )
+            spec["out"] = st.text_input(
+                "Name of the tuned model", spec.get("out", ""), key=f"{key}_out"
+            )
+            train = dict(spec.get("train") or {})
+            train["epochs"] = int(
+                st.number_input("Epochs", 1, 100, int(train.get("epochs", 1)), key=f"{key}_ep")
+            )
+            spec["train"] = train
         if kind == "evaluate":
             spec["metric"] = "perplexity"
         if kind in ("generate", "compare"):

@@ -165,3 +165,20 @@ def test_attention_page_records_its_run_and_adds_it_to_a_notebook(home, tiny_mod
 
     shown = cell_result(Workbench(home=home, device="cpu"), cell)
     assert shown.sides[0].result.text == record.input_text
+
+
+def test_add_an_attention_cell_on_a_generation_from_the_page(home, tiny_models):
+    from engine.notebooks import NotebookStore
+
+    book = make_notebook(home, tiny_models)
+    at = open_page(tiny_models)
+    at.selectbox(key="nb_add_kind").set_value("attention").run()
+    gen = NotebookStore(home).get(book.id).cells[1]
+    at.selectbox(key="new_attention_ref").set_value((gen.id, "full_text")).run()
+    at.button(key="new_attention_save").click().run()
+    cell = NotebookStore(home).get(book.id).cells[-1]
+    assert cell.kind == "attention" and cell.refs["text"].cell == gen.id
+    assert cell.refs["text"].output == "full_text"
+    # and editing it keeps the reference selected
+    at.button(key=f"edit_{cell.id}").click().run()
+    assert at.selectbox(key=f"{cell.id}_ref").value == (gen.id, "full_text")
