@@ -95,3 +95,27 @@ class FinetuneProgress:
     @property
     def latest_eval(self) -> dict | None:
         return next((r for r in reversed(self.records) if r.get("type") == "eval"), None)
+
+
+def ledger_id(job_id: str) -> str:
+    """The run-ledger id of a job's record (one per job, derived from its id)."""
+    import hashlib
+
+    return hashlib.sha256(f"finetune:{job_id}".encode()).hexdigest()[:16]
+
+
+def record_in_ledger(home, spec: dict, result: FinetuneResult, seconds: float | None) -> None:
+    """Record a finished job in the run ledger of ``home`` (once: a second call is a no-op)."""
+    import contextlib
+
+    from engine.errors import InputError
+    from engine.ledger import Ledger
+
+    with contextlib.suppress(InputError):  # already recorded (a resumed job finishing its books)
+        Ledger(home).append(
+            run_id=ledger_id(result.job_id),
+            operation="finetune",
+            spec={**spec, "model": spec.get("base"), "job_id": result.job_id},
+            result=result,
+            seconds=seconds,
+        )

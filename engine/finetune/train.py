@@ -28,7 +28,7 @@ from engine.errors import CancelledError, InputError
 from engine.files import atomic_write, atomic_write_json, atomic_write_text, disk_error
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec
-from engine.finetune.result import FinetuneResult, read_json
+from engine.finetune.result import FinetuneResult, read_json, record_in_ledger
 from engine.provenance import Provenance
 from engine.store import ModelStore, fingerprint
 
@@ -565,6 +565,9 @@ def export(
             provenance=provenance,
         )
         atomic_write_json(folder / "result.json", result.to_dict(), "the job's result")
+        # the job's wall time so far: since its spec was written at submit
+        seconds = time.time() - (folder / "spec.json").stat().st_mtime
+        record_in_ledger(folder.parent.parent, spec.to_dict(), result, seconds)
         return result
 
     if cfg.lora:

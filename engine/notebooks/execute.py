@@ -7,7 +7,6 @@ its end is written back into the notebook (ledger id, outputs, staleness of depe
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -209,17 +208,19 @@ def _run_one(
     snap = inner.snapshot()
     status = snap.state if snap.state in ("done", "failed", "cancelled") else "failed"
     run_id = inner.id
-    if not isinstance(inner, runs.Run):  # a fine-tune job: recorded in the ledger here
-        record = workbench.ledger.append(
-            run_id=secrets.token_hex(8),
-            operation="finetune",
-            spec={**spec, "job_id": inner.id},
-            status=status,
-            result=snap.result,
-            seconds=snap.seconds,
-            error=snap.error,
-        )
-        run_id = record.id
+    if not isinstance(inner, runs.Run):  # a fine-tune job: its worker records a success
+        from engine.finetune.result import ledger_id
+
+        run_id = ledger_id(inner.id)
+        if status != "done":  # a failure or a cancel is recorded here
+            workbench.ledger.append(
+                run_id=run_id,
+                operation="finetune",
+                spec={**spec, "model": spec.get("base"), "job_id": inner.id},
+                status=status,
+                seconds=snap.seconds,
+                error=snap.error,
+            )
     store.record_run(
         book.id,
         cell.id,
