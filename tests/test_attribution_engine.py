@@ -32,6 +32,14 @@ LM_TEXT = "the capital of france is"
 CLS_TEXT = "this movie is very good . the plot is boring !"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_home(tmp_path_factory):
+    """The estimate's timing cache goes to a temporary WORKBENCH_HOME, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_HOME", str(tmp_path_factory.mktemp("engine-home")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def wb(tmp_path_factory):
     from engine import Workbench
