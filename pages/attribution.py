@@ -17,7 +17,6 @@ from engine.attribution import (
     estimate_frame,
     get_method,
     label_names,
-    start_explanation,
 )
 from engine.errors import EngineError, MemoryBudgetError
 from workbench import ui
@@ -263,7 +262,7 @@ if picked:
 
 if st.button("Run", type="primary", disabled=running or not picked, key="explain_run"):
     with ui.guard():
-        run = start_explanation(model, spec, idle_timeout_s=IDLE_TIMEOUT_S)
+        run = model.start_explanation(spec, idle_timeout_s=IDLE_TIMEOUT_S)  # recorded
     st.session_state[RUN_KEY] = run
     running = True
 

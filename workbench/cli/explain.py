@@ -62,7 +62,7 @@ def _options(args) -> dict:
 
 def explain(args, _extra) -> int:
     report = check_writable(args.html, "HTML report") if args.html else None
-    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec, start_explanation
+    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec
 
     options = _options(args)  # an unknown method fails here, before loading the model
     model = open_workbench().load(args.model, progress=progress_printer)
@@ -74,7 +74,7 @@ def explain(args, _extra) -> int:
         faithfulness=not args.no_faithfulness,
         seed=args.seed,
     )
-    explanation = start_explanation(model, spec).wait()
+    explanation = model.start_explanation(spec).wait()  # a run, recorded in the ledger
     (result,) = explanation.attributions
     if report is not None:
         from engine.files import atomic_write_text
