@@ -57,7 +57,17 @@ def _pick_notebook() -> str | None:
                 st.session_state[ACTIVE] = store.create(name).id
             st.rerun()
     if not infos:
-        st.info("No notebook yet: create one in the sidebar (Notebooks → New notebook).")
+        st.info(
+            "No notebook yet. Start from an example (a generation, the attention on it and an "
+            "explanation of its answer) or create an empty one in the sidebar.",
+            icon="📓",
+        )
+        if st.button("Open the example notebook", key="nb_example", type="primary"):
+            from engine.notebooks import example
+
+            with ui.guard():
+                st.session_state[ACTIVE] = example(store).id
+            st.rerun()
         return None
     ids = [i.id for i in infos]
     labels = {i.id: f"{i.name} · {i.cells} cells" for i in infos}

@@ -30,10 +30,6 @@ ALLOWED_MODULE_EDGES: dict[tuple[str, str], str] = {
     # Registry plugin load: _ensure_loaded() imports the built-in methods, which import the
     # registry to register themselves.
     ("engine.attribution.registry", "engine.attribution.methods"): "registry plugin load",
-    # TODO(finetune owner): JobStore.merge (jobs.py) lazily imports train.merge_adapter while
-    # train.py imports jobs.read_json/write_json at the top. Move read_json/write_json to a
-    # lower module (engine.files has atomic_write_json) or merge_adapter out of train.py.
-    ("engine.finetune.jobs", "engine.finetune.train"): "TODO: known cycle jobs <-> train",
 }
 ALLOWED_PACKAGE_EDGES: dict[tuple[str, str], str] = {}
 

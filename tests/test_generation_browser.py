@@ -18,7 +18,7 @@ def token_count(page) -> int:
 
 
 def test_tokens_stream_and_stop_ends_the_run(app_server, page):
-    page.goto(app_server + "/")  # the default page lives at the root URL
+    page.goto(app_server + "/generate")
     page.get_by_role("heading", name="Generate").first.wait_for()
     page.locator(".st-key-gen_input textarea").fill(
         "Once upon a time, in a land far away, there lived"

@@ -23,6 +23,7 @@ def app(monkeypatch, tmp_path, tiny_models):
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["model_name"] = str(tiny_models["llama"])
     at.run()
+    at.switch_page("../pages/generate.py").run()
     assert not at.exception
     yield at
     st.cache_resource.clear()
@@ -82,7 +83,7 @@ def plain_greedy_ids(folder, prompt, n):
     return out[0, enc["input_ids"].shape[1] :].tolist()
 
 
-def test_generate_is_the_default_page_with_all_controls(app):
+def test_generate_page_has_all_controls(app):
     assert any(t.value == "Generate" for t in app.title)
     for key in ("gen_max_new_tokens", "gen_top_k"):
         assert app.number_input(key=key)

@@ -129,6 +129,7 @@ def test_generate_page_adds_its_run_to_the_notebook(home, tiny_models):
     at = AppTest.from_file(APP, default_timeout=120)
     at.session_state["model_name"] = str(tiny_models["llama"])
     at.run()
+    at.switch_page("../pages/generate.py").run()
     at.text_area(key="gen_input").input("the capital of france is")
     at.number_input(key="gen_max_new_tokens").set_value(3)
     at.button(key="gen_go").click().run()
@@ -182,3 +183,18 @@ def test_add_an_attention_cell_on_a_generation_from_the_page(home, tiny_models):
     # and editing it keeps the reference selected
     at.button(key=f"edit_{cell.id}").click().run()
     assert at.selectbox(key=f"{cell.id}_ref").value == (gen.id, "full_text")
+
+
+def test_notebook_is_the_first_page_and_offers_an_example(home, tiny_models):
+    import streamlit as st
+
+    from engine.notebooks import NotebookStore
+
+    st.cache_resource.clear()
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert [t.value for t in at.title] == ["Notebook"]
+    at.button(key="nb_example").click().run()
+    (info,) = NotebookStore(home).list()
+    kinds = [c.kind for c in NotebookStore(home).get(info.id).cells]
+    assert kinds == ["markdown", "generate", "attention", "explain"]
+    assert not at.exception

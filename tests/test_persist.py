@@ -28,6 +28,7 @@ def fresh(tiny_models, token: str | None = None) -> AppTest:
     if token:
         at.query_params["s"] = token
     at.run()
+    at.switch_page(GENERATE).run()
     assert not at.exception, at.exception
     return at
 

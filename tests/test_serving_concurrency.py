@@ -35,7 +35,7 @@ def open_generate(browser, url: str, prompt: str):
     context = browser.new_context(viewport={"width": 1400, "height": 2000})
     page = context.new_page()
     page.set_default_timeout(120_000)
-    page.goto(url + "/")
+    page.goto(url + "/generate")
     page.get_by_role("heading", name="Generate").first.wait_for()
     page.locator(".st-key-gen_input textarea").fill(prompt)
     max_tokens = page.locator(".st-key-gen_max_new_tokens input")

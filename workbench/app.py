@@ -20,8 +20,8 @@ st.set_page_config(page_title="LLMOS Workbench", page_icon="🧪", layout="wide"
 
 # (file in pages/, title, icon, URL path), in menu order; the first is the home page.
 PAGE_TABLE = [
-    ("generate.py", "Generate", ":material/edit_note:", "generate"),
     ("notebook.py", "Notebook", ":material/menu_book:", "notebook"),
+    ("generate.py", "Generate", ":material/edit_note:", "generate"),
     ("attention.py", "Attention", ":material/visibility:", "attention"),
     ("attribution.py", "Explain", ":material/insights:", "explain"),
     ("finetune.py", "Fine-tune", ":material/tune:", "finetune"),

@@ -19,6 +19,7 @@ from engine.notebooks.book import (
     NotebookInfo,
     NotebookStore,
     Ref,
+    example,
     resolve_spec,
 )
 from engine.notebooks.execute import (
@@ -43,6 +44,7 @@ __all__ = [
     "Ref",
     "cell_result",
     "cells_from_runs",
+    "example",
     "outputs_of",
     "resolve_spec",
     "start_all",

@@ -558,3 +558,35 @@ def resolve_spec(book: Notebook, cell: Cell) -> dict:
 def iter_runnable(book: Notebook) -> Iterator[Cell]:
     """Cells Run all goes through, in order (markdown notes are skipped)."""
     return (c for c in book.cells if c.kind != "markdown")
+
+
+def example(store: NotebookStore, model: str = "smollm2-135m") -> Notebook:
+    """A ready notebook for a first look: a note, a greedy generation, the attention on its
+    output and an explanation of its answer (nothing run yet)."""
+    book = store.create("Why does the model say Paris?")
+    store.add_cell(
+        book.id,
+        "markdown",
+        {
+            "text": "### Why does the model say *Paris*?\n"
+            "Run all: the model continues a sentence, then we look at where its attention "
+            "goes and which words made it answer the way it did."
+        },
+    )
+    gen = store.add_cell(
+        book.id,
+        "generate",
+        {
+            "model": model,
+            "prompt": "The Eiffel Tower is located in the city of",
+            "settings": {"max_new_tokens": 4, "greedy": True},
+        },
+    )
+    store.add_cell(book.id, "attention", {"model": model}, refs={"text": Ref(gen.id, "full_text")})
+    store.add_cell(
+        book.id,
+        "explain",
+        {"model": model, "methods": ["integrated_gradients"], "faithfulness": True},
+        refs={"text": Ref(gen.id, "prompt"), "target": Ref(gen.id, "text")},
+    )
+    return store.get(book.id)
