@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.errors import EngineError
+from engine.errors import EngineError, InputError
 
 
 class DiskError(EngineError):
@@ -75,3 +75,35 @@ def atomic_write_text(path: str | Path, text: str, what: str | None = None) -> P
 def atomic_write_json(path: str | Path, value: Any, what: str | None = None) -> Path:
     text = json.dumps(value, indent=2, ensure_ascii=False)
     return atomic_write_text(path, text, what)
+
+
+def check_writable(path: str | Path, what: str) -> Path:
+    """``path`` as a Path once its folder is shown to accept a new file; else a one-line
+    ``InputError`` naming ``what`` ("the HTML report", "--out"). Callers check output paths
+    before computing, so a typo never wastes a long run.
+
+    A probe file is created and removed next to it: permission bits alone do not tell (root
+    passes ``os.access`` on /proc, where no file can be created).
+    """
+    target = Path(path).expanduser()
+    folder = target.parent
+    if target.is_dir():
+        raise InputError(f"Cannot write {what} to {path}: it is a folder; give a file name.")
+    if not folder.is_dir():
+        raise InputError(
+            f"Cannot write {what} to {path}: the folder {folder} does not exist; create it "
+            "or choose another path."
+        )
+    probe = folder / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.probe"
+    try:
+        with open(probe, "x"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(
+            f"Cannot write {what} to {path}: {reason} in {folder}; choose a writable folder."
+        ) from exc
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(f"Cannot write {what} to {path}: the file is read-only; choose another.")
+    return target

@@ -8,8 +8,6 @@ The output path is checked before the model loads: an unwritable ``--out`` fails
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from engine.errors import InputError
@@ -17,30 +15,14 @@ from workbench.cli.common import open_workbench, print_json, progress_printer
 
 
 def writable_output(raw: str) -> Path:
-    """``raw`` as an .npz path whose folder exists (created if needed) and takes a new file.
+    """``raw`` as an .npz path that can be written (``InputError`` before any computation)."""
+    from engine.files import check_writable
 
-    Raises ``InputError`` (one line) before any computation when it cannot be written.
-    """
     given = Path(raw).expanduser()
+    if given.is_dir():
+        raise InputError(f"--out {raw} is a folder: give a file name such as {given / 'a.npz'}.")
     out = given if given.suffix == ".npz" else given.with_suffix(given.suffix + ".npz")
-    for path in (given, out):
-        if path.is_dir():
-            raise InputError(
-                f"--out {raw} is a folder: give a file name such as {path / 'attention.npz'}."
-            )
-    folder = out.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".workbench-probe-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise InputError(
-            f"Cannot write --out {raw}: {reason} ({folder}); choose a writable folder."
-        ) from exc
-    if out.exists() and not os.access(out, os.W_OK):
-        raise InputError(f"Cannot write --out {raw}: the file is read-only; choose another.")
-    return out
+    return check_writable(out, "--out")
 
 
 def attention(args, _extra) -> int:

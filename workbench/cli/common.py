@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,8 @@ def open_workbench():
 
 
 def writable_output(path: str | Path) -> Path:
-    """``path`` if a file can be written there; else a one-line ``InputError``.
+    """``path`` if a file can be written there; else a one-line ``InputError`` (checked before
+    any computation)."""
+    from engine.files import check_writable
 
-    Checked before any computation, so a typo in ``--out`` never wastes a long run.
-    """
-    from engine.errors import InputError
-
-    target = Path(path).expanduser()
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise InputError(f"{target} is a folder: give a file name for the output.")
-    if not folder.is_dir():
-        raise InputError(f"Cannot write {target}: the folder {folder} does not exist.")
-    probe = folder / f".workbench-write-check-{os.getpid()}"
-    try:  # access() says yes to root even on /proc: really create (and remove) a file
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"Cannot write {target}: {exc.strerror or exc}.") from exc
-    return target
+    return check_writable(path, "the output")

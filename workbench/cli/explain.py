@@ -6,42 +6,10 @@ written fails at once with one line, not after the whole explanation.
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
-from pathlib import Path
 
+from engine.files import check_writable
 from workbench.cli.common import open_workbench, print_json, progress_printer
-
-
-def check_writable(path: str, what: str) -> Path:
-    """The output path, once its folder is shown to accept a new file (``InputError`` else).
-
-    A probe file is created and removed next to it: permission bits alone do not tell (root
-    passes ``os.access`` on /proc, where no file can be created).
-    """
-    from engine.errors import InputError
-
-    target = Path(path).expanduser()
-    folder = target.parent
-    if target.is_dir():
-        raise InputError(f"Cannot write the {what} to {path}: it is a folder; give a file name.")
-    if not folder.is_dir():
-        raise InputError(
-            f"Cannot write the {what} to {path}: the folder {folder} does not exist; create it "
-            "or choose another path."
-        )
-    probe = folder / f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.probe"
-    try:
-        with open(probe, "x"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise InputError(
-            f"Cannot write the {what} to {path}: {reason} in {folder}; choose a writable folder."
-        ) from exc
-    probe.unlink(missing_ok=True)
-    return target
 
 
 def _options(args) -> dict:
@@ -61,7 +29,7 @@ def _options(args) -> dict:
 
 
 def explain(args, _extra) -> int:
-    report = check_writable(args.html, "HTML report") if args.html else None
+    report = check_writable(args.html, "the HTML report") if args.html else None
     from engine.attribution import ExplanationSpec, MethodRun, TargetSpec
 
     options = _options(args)  # an unknown method fails here, before loading the model
