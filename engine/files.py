@@ -107,3 +107,15 @@ def check_writable(path: str | Path, what: str) -> Path:
     if target.exists() and not os.access(target, os.W_OK):
         raise InputError(f"Cannot write {what} to {path}: the file is read-only; choose another.")
     return target
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """The JSON in a file a user gave; a one-line ``InputError`` naming ``what`` when the file
+    is missing, unreadable or not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise InputError(f"No file {path}: give {what}.") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not a JSON file written by the workbench ({exc}).") from exc

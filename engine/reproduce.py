@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError, InputError
+from engine.files import read_json_file
 from engine.ledger import RunRecord
 from engine.results import Result
 
@@ -97,12 +98,7 @@ def from_record(ledger, record: RunRecord) -> Recorded:
 def from_file(path: str | Path) -> Recorded:
     """A ``history export`` bundle, or a result saved with ``Result.save`` (generation)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"No file {path}: give a run id or a JSON file to re-run.") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not a JSON file written by the workbench ({exc}).") from exc
+    data = read_json_file(path, "a run id or a JSON file to re-run")
     if not isinstance(data, dict):
         raise InputError(f"{path} is not a run record or a saved result.")
     if isinstance(data.get("record"), dict):  # history export bundle

@@ -19,7 +19,7 @@ from engine.attribution import (
     label_names,
 )
 from engine.errors import EngineError, MemoryBudgetError
-from workbench import ui
+from workbench import renderers, ui
 
 RUN_KEY = "explain_active_run"  # the engine Run in progress
 RESULT_KEY = "explain_result"  # the last ExplanationSet
@@ -272,6 +272,7 @@ def collect(snapshot) -> None:
     st.session_state.pop(RUN_KEY, None)
     if snapshot.state == "done":
         st.session_state[RESULT_KEY] = snapshot.result
+        st.session_state["explain_run_id"] = snapshot.id  # its ledger record
         st.session_state.pop(ERROR_KEY, None)
     else:
         st.session_state[ERROR_KEY] = snapshot.error or "The explanation stopped."
@@ -331,7 +332,6 @@ if not same_input(result.spec, spec):
         "to explain the current input.",
         icon="ℹ️",
     )
-st.text(f"Input: {result.text}")
 level = st.radio(
     "Group by",
     ["token", "word", "sentence"],
@@ -339,41 +339,8 @@ level = st.radio(
     key="explain_level",
     help="Sub-word scores are summed into words or sentences.",
 )
-tabs = st.tabs([r.method_title for r in result.attributions])
-for tab, attribution in zip(tabs, result.attributions, strict=True):
-    with tab:
-        cols = st.columns(3)
-        cols[0].metric("Target score f(input)", f"{attribution.target_score:.4f} nats")
-        cols[1].metric("Time", f"{attribution.seconds:.2f} s")
-        cols[2].metric("Forward rows", attribution.forward_rows)
-        st.text(f"Target: {attribution.target_description}")
-        if attribution.target.get("anchor_first"):
-            st.caption(
-                "The first token is held fixed (score 0): the tokenizer adds no BOS token, and "
-                "moving the first position (the model's attention sink) breaks Integrated "
-                "Gradients' convergence."
-            )
-        statement = attribution.delta_statement()
-        if statement:
-            (st.success if attribution.delta_ok else st.warning)(statement)
-        st.html(attribution.html())
-        st.altair_chart(attribution.bar_chart(level), width="stretch")
-        matrix = attribution.matrix_chart()
-        if matrix is not None:
-            st.markdown("**Per-output-token attribution** (rows: target tokens)")
-            st.altair_chart(matrix, width="stretch")
-        faith = attribution.faithfulness
-        if faith is not None:
-            st.markdown("**Faithfulness** (deletion / insertion of the top-ranked tokens)")
-            m = st.columns(3)
-            m[0].metric("Comprehensiveness (AOPC)", f"{faith.comprehensiveness:.4f}")
-            m[1].metric("Random-order AOPC", f"{faith.random_comprehensiveness:.4f}")
-            m[2].metric("Sufficiency", f"{faith.sufficiency:.4f}")
-            st.altair_chart(faith.chart(), width="stretch")
-
-if result.agreement is not None:
-    st.subheader("Method agreement")
-    st.dataframe(result.agreement_frame(), hide_index=True, width="stretch")
+renderers.explanation_set(result, "explain", level)
+ui.add_to_notebook(st.session_state.get("explain_run_id"), "explain_add_to_notebook")
 
 st.subheader("Export")
 col_json, col_html = st.columns(2)

@@ -121,6 +121,18 @@ def collect(run_key: str, result_key: str, error_key: str):
     return None
 
 
+def outcome(run_key: str, result_key: str, error_key: str, key: str) -> None:
+    """A run's progress while it goes, then its error or its result (drawn by its renderer)
+    with "Add to notebook"."""
+    ui.poll_run(run_key, lambda r: ui.run_progress(r, key=f"{key}_stop"))
+    if st.session_state.get(error_key):
+        ui.show_error(st.session_state[error_key])
+    result = st.session_state.get(result_key)
+    if result is not None:
+        renderers.render(result, key)
+        ui.add_to_notebook(st.session_state.get(f"{result_key}_run_id"), f"{key}_add_to_notebook")
+
+
 # --- collect finished runs (main body, so the whole page shows their results) -------------
 had_run = st.session_state.get(RUN) is not None
 run = collect(RUN, RESULT, "gen_error")
@@ -233,13 +245,7 @@ with tab_eval:
             st.session_state.pop(stale, None)
         with ui.guard():
             st.session_state[PPL_RUN] = ui.current_model().start_perplexity(text)
-    ui.poll_run(PPL_RUN, lambda r: ui.run_progress(r, key="eval_ppl_stop"))
-    if st.session_state.get(PPL_ERROR):
-        ui.show_error(st.session_state[PPL_ERROR])
-    ppl = st.session_state.get(PPL_RESULT)
-    if ppl is not None:
-        renderers.render(ppl, "eval_ppl")
-        ui.add_to_notebook(st.session_state.get(f"{PPL_RESULT}_run_id"), "ppl_add_to_notebook")
+    outcome(PPL_RUN, PPL_RESULT, PPL_ERROR, "eval_ppl")
     st.subheader("BLEU and chrF against a reference")
     last = st.session_state.get(RESULT)
     hyp = st.text_area(
@@ -299,10 +305,4 @@ with tab_compare:
             variants = [*chosen, *table_variants(variant_rows, settings)]
             st.session_state[COMPARE_RUN] = wb.start_comparison(variants, cmp_prompt, settings)
         st.rerun()
-    ui.poll_run(COMPARE_RUN, lambda r: ui.run_progress(r, key="cmp_stop_button"))
-    if st.session_state.get(COMPARE_ERROR):
-        ui.show_error(st.session_state[COMPARE_ERROR])
-    comparison = st.session_state.get(COMPARISON)
-    if comparison is not None:
-        renderers.render(comparison, "cmp")
-        ui.add_to_notebook(st.session_state.get(f"{COMPARISON}_run_id"), "cmp_add_to_notebook")
+    outcome(COMPARE_RUN, COMPARISON, COMPARE_ERROR, "cmp")

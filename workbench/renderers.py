@@ -196,10 +196,14 @@ def attribution(result, key: str, level: str = "token") -> None:
     cols[2].metric("Forward rows", result.forward_rows)
     st.text(f"Target: {result.target_description}")
     if result.target.get("anchor_first"):
-        st.caption(
-            "The first token is held fixed (score 0): the tokenizer adds no BOS token, and "
+        why = (
             "moving the first position (the model's attention sink) breaks Integrated "
-            "Gradients' convergence."
+            "Gradients' convergence"
+            if result.method == "integrated_gradients"
+            else "it is the model's attention sink, so perturbing it says little about the text"
+        )
+        st.caption(
+            f"The first token is held fixed (score 0): the tokenizer adds no BOS token, and {why}."
         )
     statement = result.delta_statement()
     if statement:
@@ -229,5 +233,5 @@ def explanation_set(result, key: str, level: str = "token") -> None:
         with tab:
             attribution(one, key, level)
     if result.agreement is not None:
-        st.markdown("**Method agreement**")
+        st.subheader("Method agreement")
         st.dataframe(result.agreement_frame(), hide_index=True, width="stretch")

@@ -72,16 +72,12 @@ def export(args, _extra) -> int:
 
 
 def import_(args, _extra) -> int:
+    from engine.files import read_json_file
     from engine.notebooks import NotebookStore
     from engine.store import workbench_home
 
     path = Path(args.file)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise InputError(f"No file {path}.") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not a JSON notebook bundle ({exc}).") from exc
+    data = read_json_file(path, "a notebook bundle exported with `workbench notebook export`")
     if not isinstance(data, dict):
         raise InputError(f"{path} is not a JSON notebook bundle.")
     book = NotebookStore(workbench_home()).import_dict(data, str(path))
