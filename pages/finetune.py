@@ -79,6 +79,9 @@ def results(job_id: str, task: str, result) -> None:
     if result is None:
         return
     st.dataframe(pd.DataFrame(result.comparison()), hide_index=True)
+    from engine.finetune.result import ledger_id
+
+    ui.add_to_notebook(ledger_id(job_id), f"ft_add_to_notebook_{job_id}")
     if "confusion" in result.metrics_after:
         labels = list(result.labels)
         st.caption("Confusion matrix after training (rows: true label, columns: predicted).")

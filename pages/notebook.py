@@ -16,6 +16,7 @@ from workbench import renderers, ui
 
 RUN = "nb_run"  # the cell run or Run all going on (one at a time per session)
 RUN_ERROR = "nb_run_error"
+VERDICTS = "nb_verdicts"  # (notebook id, {cell id: Verdict}) from the last "Reproduce all"
 ACTIVE = "nb_active"
 EDITING = "nb_editing"  # id of the cell whose editor is open
 KIND_LABELS = {
@@ -102,8 +103,12 @@ if run is not None and run.done:
     snap = run.snapshot()
     if snap.error and not snap.cancelled:
         st.session_state[RUN_ERROR] = snap.error
+    if snap.operation == "reproduce-notebook" and snap.result is not None:
+        st.session_state[VERDICTS] = (book.id, snap.result)
     run = None
     book = store.get(book.id)
+held = st.session_state.get(VERDICTS)
+verdicts = held[1] if held and held[0] == book.id else {}
 
 if not readonly:
     with st.expander("Notebook: rename, duplicate, share, delete"):
@@ -122,14 +127,28 @@ if not readonly:
             store.delete(book.id)
             st.session_state.pop(ACTIVE, None)
             st.rerun()
-    left, right, _ = st.columns([1, 1, 4])
-    if left.button("Run all", key="nb_run_all", type="primary", disabled=run is not None):
-        st.session_state.pop(RUN_ERROR, None)
-        with ui.guard():
-            st.session_state[RUN] = start_all(wb, book.id)
-        st.rerun()
-    if run is not None and right.button("Stop", key="nb_stop"):
-        run.cancel()
+left, middle, right, _ = st.columns([1, 1.4, 1, 3])
+if not readonly and left.button(
+    "Run all", key="nb_run_all", type="primary", disabled=run is not None
+):
+    st.session_state.pop(RUN_ERROR, None)
+    with ui.guard():
+        st.session_state[RUN] = start_all(wb, book.id)
+    st.rerun()
+if middle.button(
+    "Reproduce all",
+    key="nb_reproduce_all",
+    disabled=run is not None,
+    help="Re-run every recorded cell and compare with its recorded numbers (for an audit).",
+):
+    from engine.notebooks import start_reproduce_all
+
+    st.session_state.pop(RUN_ERROR, None)
+    with ui.guard():
+        st.session_state[RUN] = start_reproduce_all(wb, book.id)
+    st.rerun()
+if run is not None and right.button("Stop", key="nb_stop"):
+    run.cancel()
 
 ui.poll_run(RUN, lambda r: ui.run_progress(r, key="nb_progress_stop"), every=1.0)
 if st.session_state.get(RUN_ERROR):
@@ -369,6 +388,12 @@ for position, cell in enumerate(book.cells, 1):
             else:
                 renderers.render(result, f"nb_{cell.id}")
                 st.caption(f"Run `{cell.run_id}` · `workbench rerun {cell.run_id}` reproduces it")
+            verdict = verdicts.get(cell.id)
+            if verdict is not None:
+                (st.success if verdict.match else st.error)(
+                    f"Reproduce verdict: **{verdict.verdict}** ({verdict.tolerance})"
+                    + "".join(f"\n- {d}" for d in verdict.differences)
+                )
 
 # --- add a cell -----------------------------------------------------------------------------
 if not readonly:
@@ -381,28 +406,31 @@ if not readonly:
         with ui.guard():
             store.add_cell(book.id, kind, added[0], added[1])
         st.rerun()
-    with st.expander("Export"):
-        from engine.notebooks import export as exporter
 
-        e1, e2, e3 = st.columns(3)
-        e1.download_button(
-            "JSON bundle",
-            json.dumps(exporter.bundle(book, wb.ledger), ensure_ascii=False),
-            f"{book.name}.json",
-            "application/json",
-            key="nb_export_json",
-        )
-        e2.download_button(
-            "Jupyter (.ipynb)",
-            exporter.to_ipynb(book, wb.ledger),
-            f"{book.name}.ipynb",
-            "application/x-ipynb+json",
-            key="nb_export_ipynb",
-        )
-        e3.download_button(
-            "HTML audit report",
-            exporter.to_html(book, wb.ledger, wb),
-            f"{book.name}.html",
-            "text/html",
-            key="nb_export_html",
-        )
+with st.expander("Export"):
+    from engine.notebooks import export as exporter
+
+    # built only when clicked (callables), never on every rerun: the HTML renders figures
+    st.caption("The HTML report includes the verdicts of the last *Reproduce all*.")
+    e1, e2, e3 = st.columns(3)
+    e1.download_button(
+        "JSON bundle",
+        lambda: json.dumps(exporter.bundle(book, wb.ledger), ensure_ascii=False),
+        f"{book.name}.json",
+        "application/json",
+        key="nb_export_json",
+    )
+    e2.download_button(
+        "Jupyter (.ipynb)",
+        lambda: exporter.to_ipynb(book, wb.ledger),
+        f"{book.name}.ipynb",
+        "application/x-ipynb+json",
+        key="nb_export_ipynb",
+    )
+    e3.download_button(
+        "HTML audit report",
+        lambda: exporter.to_html(book, wb.ledger, wb, verdicts),
+        f"{book.name}.html",
+        "text/html",
+        key="nb_export_html",
+    )

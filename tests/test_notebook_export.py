@@ -120,7 +120,13 @@ def test_notebook_cli_new_from_runs_export_and_import(tmp_path, tiny_models):
         "notebook", "export", "From runs", "--format", "html", "--out", str(out), home=home
     )
     assert exported.returncode == 0, exported.stderr
-    assert run_id in out.read_text()
+    assert run_id in out.read_text() and "Reproduce verdict" not in out.read_text()
+    verified = run_cli(
+        "notebook", "export", "From runs", "--format", "html", "--verify", "--out", str(out),
+        home=home,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    assert "Reproduce verdict: <span class='verdict-ok'>exact</span>" in out.read_text()
     bundle = tmp_path / "bundle.json"
     assert (
         run_cli(

@@ -198,3 +198,16 @@ def test_notebook_is_the_first_page_and_offers_an_example(home, tiny_models):
     kinds = [c.kind for c in NotebookStore(home).get(info.id).cells]
     assert kinds == ["markdown", "generate", "attention", "explain"]
     assert not at.exception
+
+
+def test_reproduce_all_shows_a_verdict_per_cell(home, tiny_models):
+    book = make_notebook(home, tiny_models)
+    at = open_page(tiny_models)
+    at.button(key="nb_run_all").click().run()
+    rerun_until(at, lambda a: "nb_run" not in a.session_state)
+    at.button(key="nb_reproduce_all").click().run()
+    rerun_until(at, lambda a: "nb_run" not in a.session_state)
+    verdicts = [s.value for s in at.success if "Reproduce verdict" in s.value]
+    assert len(verdicts) == 2 and all("exact" in v for v in verdicts), [e.value for e in at.error]
+    held_id, held = at.session_state["nb_verdicts"]
+    assert held_id == book.id and {v.verdict for v in held.values()} == {"exact"}

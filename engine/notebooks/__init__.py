@@ -28,6 +28,7 @@ from engine.notebooks.execute import (
     outputs_of,
     start_all,
     start_cell,
+    start_reproduce_all,
     wait_all,
 )
 from engine.notebooks.handle import NotebookHandle
@@ -49,5 +50,6 @@ __all__ = [
     "resolve_spec",
     "start_all",
     "start_cell",
+    "start_reproduce_all",
     "wait_all",
 ]

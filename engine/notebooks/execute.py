@@ -126,7 +126,7 @@ def _finetune(workbench, spec: dict):
     from engine.finetune import JobSpec, JobStore
     from engine.finetune.data import sample_path, samples
 
-    raw = {k: v for k, v in spec.items() if k != "job_id"}
+    raw = {k: v for k, v in spec.items() if k not in ("job_id", "model")}  # record-only keys
     if raw.get("data") in samples():  # a shipped sample by name
         raw["data"] = str(sample_path(raw["data"]))
     jobs = JobStore(workbench.home)
@@ -269,6 +269,28 @@ def start_all(workbench, notebook_id: str) -> runs.Run:
         return done
 
     return runs.start("notebook-run-all", work, spec={"notebook": notebook_id})
+
+
+def start_reproduce_all(workbench, notebook_id: str) -> runs.Run:
+    """Re-run every cell that has a recorded run and give its verdict (an auditor's check).
+
+    The result is ``{cell id: Verdict}``; the re-runs are recorded in the ledger as usual.
+    """
+    from engine.reproduce import reproduce
+
+    def work(ctx) -> dict:
+        book = workbench.notebooks.get(notebook_id)
+        cells = [c for c in book.cells if c.run_id]
+        verdicts = {}
+        for i, cell in enumerate(cells):
+            ctx.check()
+            ctx.progress(
+                i / len(cells), f"Reproducing cell {book.index(cell.id) + 1} ({cell.kind})"
+            )
+            verdicts[cell.id] = reproduce(workbench, cell.run_id)
+        return verdicts
+
+    return runs.start("reproduce-notebook", work, spec={"notebook": notebook_id})
 
 
 def wait_all(workbench, notebook_id: str, timeout: float | None = None) -> list:

@@ -54,8 +54,17 @@ class NotebookHandle:
         """The stored result of a cell's last run (None if it never ran)."""
         return cell_result(self._wb, self.data.cell(cell_id))
 
-    def export(self, path: str | Path, format: str | None = None) -> Path:
-        """Write the notebook as a JSON bundle, a .ipynb or an HTML audit report."""
+    def reproduce(self, timeout: float | None = None) -> dict:
+        """Re-run every recorded cell: ``{cell id: Verdict}``."""
+        from engine.notebooks.execute import start_reproduce_all
+
+        return start_reproduce_all(self._wb, self.id).wait(timeout)
+
+    def export(
+        self, path: str | Path, format: str | None = None, verdicts: dict | None = None
+    ) -> Path:
+        """Write the notebook as a JSON bundle, a .ipynb or an HTML audit report (with the
+        reproduce ``verdicts`` of ``reproduce()`` when given)."""
         import json
 
         from engine.notebooks import export as exporter
@@ -68,7 +77,7 @@ class NotebookHandle:
         elif format == "ipynb":
             text = exporter.to_ipynb(book, self._wb.ledger)
         elif format == "html":
-            text = exporter.to_html(book, self._wb.ledger, self._wb)
+            text = exporter.to_html(book, self._wb.ledger, self._wb, verdicts)
         else:
             raise InputError(f"Unknown export format {format!r}: use json, ipynb or html.")
         return atomic_write_text(path, text, str(path))

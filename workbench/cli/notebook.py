@@ -65,7 +65,12 @@ def export(args, _extra) -> int:
     elif args.format == "ipynb":
         text = exporter.to_ipynb(book, wb.ledger)
     else:
-        text = exporter.to_html(book, wb.ledger, wb)
+        verdicts = None
+        if args.verify:
+            from engine.notebooks import start_reproduce_all
+
+            verdicts = start_reproduce_all(wb, book.id).wait()
+        text = exporter.to_html(book, wb.ledger, wb, verdicts)
     atomic_write_text(out, text, str(out))
     print(f"wrote {out}")
     return 0
@@ -102,6 +107,9 @@ def register(sub) -> None:
     out.add_argument("name", help="the notebook's name or id")
     out.add_argument("--format", choices=("json", "ipynb", "html"), required=True)
     out.add_argument("--out", required=True, type=Path)
+    out.add_argument(
+        "--verify", action="store_true", help="html: re-run every cell and include the verdicts"
+    )
     out.set_defaults(func=export)
     imp = actions.add_parser("import", help="import a JSON bundle as a new notebook")
     imp.add_argument("file")
