@@ -8,6 +8,7 @@ The output path is checked before the model loads: an unwritable ``--out`` fails
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from engine.errors import InputError
@@ -22,6 +23,8 @@ def writable_output(raw: str) -> Path:
     if given.is_dir():
         raise InputError(f"--out {raw} is a folder: give a file name such as {given / 'a.npz'}.")
     out = given if given.suffix == ".npz" else given.with_suffix(given.suffix + ".npz")
+    with contextlib.suppress(OSError):  # a new folder is made; an impossible one is reported
+        out.parent.mkdir(parents=True, exist_ok=True)
     return check_writable(out, "--out")
 
 
