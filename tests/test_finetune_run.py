@@ -144,7 +144,9 @@ def pickled_copy(source, target):
 def test_pickled_base_needs_the_opt_in_and_the_opt_in_reaches_the_worker(
     home, tiny_models, clf_data, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.delenv("WORKBENCH_ALLOW_PICKLE", raising=False)
+    # set (then removed at teardown) rather than deleted: the in-process CLI call below sets
+    # it for the process, and it must not leak into later tests
+    monkeypatch.setenv("WORKBENCH_ALLOW_PICKLE", "0")
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
     base = pickled_copy(tiny_models["classifier"], tmp_path / "pickled")
     jobs = JobStore(home)

@@ -45,6 +45,7 @@ def test_smollm_greedy_is_identical_everywhere(smollm, monkeypatch, capsys):
 
     st.cache_resource.clear()
     at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
+    at.switch_page("../pages/generate.py").run()
     at.text_area(key="gen_input").input(PROMPT)
     at.number_input(key="gen_max_new_tokens").set_value(N)
     at.toggle(key="gen_greedy").set_value(True)
