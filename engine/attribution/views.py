@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
-POSITIVE, NEGATIVE = "#16a34a", "#dc2626"
+POSITIVE, NEGATIVE = "#16a34a", "#dc2626"  # green raises the target score, red lowers it
+MAX_ALPHA = 0.85  # opacity of the largest |score|: text stays readable on the strongest colour
+
+
+def colour(score: float, scale: float) -> str:
+    """CSS background for a score, the one scale of the app's coloured text and the report:
+    ``POSITIVE`` for a positive score, ``NEGATIVE`` for a negative one, opacity |score| / scale
+    (capped at ``MAX_ALPHA``); transparent when ``scale`` <= 0. Returns "rgba(r,g,b,a)"."""
+    if scale <= 0:
+        return "rgba(255,255,255,0)"
+    alpha = min(abs(score) / scale, 1.0) * MAX_ALPHA
+    hex_colour = POSITIVE if score >= 0 else NEGATIVE
+    r, g, b = (int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha:.2f})"
 
 
 def group_frame(result, level: str = "token"):
