@@ -68,10 +68,12 @@ def reopen_cost(cells: int) -> None:
     from engine.notebooks import NotebookStore, cell_result
 
     home = Path(tempfile.mkdtemp(prefix="bench-notebook-"))
-    # reuse the converted embedded model: link the shared store's entry into this home
+    # reuse the converted embedded model: copy the shared store's entry into this home (the
+    # store refuses entries that point outside it)
+    import shutil
+
     (home / "models").mkdir(parents=True)
-    source = HOME / "models" / "smollm2-135m"
-    (home / "models" / "smollm2-135m").symlink_to(source, target_is_directory=True)
+    shutil.copytree(HOME / "models" / "smollm2-135m", home / "models" / "smollm2-135m")
     wb = Workbench(home=home, device="cpu")
     book = wb.notebook("Twenty cells")
     for i in range(cells):

@@ -389,13 +389,17 @@ def _explain_section(result, _record) -> str:
         parts.append(a.html())
         faith = a.faithfulness
         if faith is not None:
-            better = faith.comprehensiveness > faith.random_comprehensiveness
+            from engine.attribution.report import faithfulness_verdict
+
+            kind, sentence = faithfulness_verdict(faith)
+            cls = "verdict-ok" if kind == "clear" else "verdict-bad"
             parts.append(
                 "<p>Faithfulness: comprehensiveness (AOPC, higher is better: removing the "
                 f"top-ranked tokens first lowers the score more) <b>{faith.comprehensiveness:.4f}"
-                f"</b> against <b>{faith.random_comprehensiveness:.4f}</b> for a random order "
-                f"({'above' if better else 'NOT above'} random); sufficiency (lower is better: "
-                f"keeping only the top tokens keeps the score) <b>{faith.sufficiency:.4f}</b>.</p>"
+                f"</b> against <b>{faith.random_comprehensiveness:.4f}</b> for a random order; "
+                "sufficiency (lower is better: keeping only the top tokens keeps the score) "
+                f"<b>{faith.sufficiency:.4f}</b>. <span class='{cls}'>{html.escape(sentence)}"
+                "</span></p>"
             )
     if result.agreement is not None:
         frame = result.agreement_frame()
