@@ -85,6 +85,23 @@ def test_exported_ipynb_reproduces_every_cell(story, tmp_path, monkeypatch):
     assert outputs.count("verdict: exact") == 3, outputs
 
 
+def test_exported_ipynb_carries_the_recorded_figures(story):
+    import nbformat
+
+    wb, book = story
+    notebook = nbformat.reads(exporter.to_ipynb(book, wb.ledger), as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"][1:]
+    images = [
+        [o for o in c.outputs if o.get("output_type") == "display_data" and "image/png" in o.data]
+        for c in code
+    ]
+    assert [len(i) for i in images] == [0, 1, 2]  # generation: text; attention; two methods
+    import base64
+
+    png = base64.b64decode(images[1][0].data["image/png"])
+    assert png.startswith(b"\x89PNG")
+
+
 def test_html_report_has_inline_figures_and_explains_the_numbers(story):
     wb, book = story
     page = exporter.to_html(book, wb.ledger, wb)

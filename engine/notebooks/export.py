@@ -181,6 +181,15 @@ def check(operation, recorded, result):
     print(f"verdict: {{verdict}}", *differences, sep="\\n  ")
     assert verdict in ("exact", "within tolerance"), differences
     return verdict
+
+
+def summary(result):
+    """A short text view of a result (the figures are shown below the recorded output)."""
+    if isinstance(getattr(result, "text", None), str):
+        return result.text
+    if hasattr(result, "sides"):
+        return "; ".join(f"{{s.label}}: {{s.result.n_tokens}} tokens" for s in result.sides)
+    return type(result).__name__
 '''
 
 
@@ -228,14 +237,21 @@ def to_ipynb(book: Notebook, ledger: Ledger) -> str:
             f"{coder(record.spec)}\n"
             f"recorded = json.loads({json.dumps(json.dumps(recorded))})\n"
             f"check({record.operation!r}, recorded, result)\n"
-            "print(result.text if hasattr(result, 'text') else result)"
+            "print(summary(result))"
         )
         code = new_code_cell(source)
         try:
-            shown = _summary(ledger.load_result(record))
+            result = ledger.load_result(record)
+            shown = _summary(result)
         except (EngineError, OSError, ValueError):
-            shown = "(result unavailable)"
+            result, shown = None, "(result unavailable)"
         code.outputs = [new_output("stream", name="stdout", text=f"{shown}\n")]
+        for chart in figures(record.operation, result):
+            png = _png_bytes(chart)
+            if png is not None:
+                code.outputs.append(
+                    new_output("display_data", data={"image/png": base64.b64encode(png).decode()})
+                )
         cells.append(code)
     notebook = new_notebook(cells=cells)
     notebook.metadata["kernelspec"] = {
@@ -340,26 +356,49 @@ def _classify_section(result, _record) -> str:
     return f"<pre>{html.escape(result.text)}</pre><p>Label <b>{html.escape(result.label)}</b> ({scores})</p>"
 
 
-def _png(chart) -> str:
-    """An altair chart as an inline PNG (no script needed to read the report)."""
+def _png_bytes(chart) -> bytes | None:
+    """An altair chart as PNG bytes; None when it cannot be rendered here."""
     try:
         from engine.attention.views import chart_png
 
-        data = base64.b64encode(chart_png(chart, scale=1.5)).decode()
-    except Exception as exc:  # noqa: BLE001 - a figure that cannot render must not lose the report
-        return f"<p class='note'>(figure unavailable: {html.escape(str(exc))})</p>"
+        return chart_png(chart, scale=1.5)
+    except Exception:  # noqa: BLE001 - a figure that cannot render must not lose the export
+        return None
+
+
+def _png(chart) -> str:
+    """An altair chart as an inline PNG (no script needed to read the report)."""
+    png = _png_bytes(chart)
+    if png is None:
+        return "<p class='note'>(figure unavailable)</p>"
+    data = base64.b64encode(png).decode()
     return f"<img alt='figure' style='max-width:100%' src='data:image/png;base64,{data}'>"
+
+
+def figures(operation: str, result: Any) -> list:
+    """The altair charts that show a recorded result (attention heatmaps, attribution bars)."""
+    if result is None:
+        return []
+    if operation == "attention":
+        from engine.attention import AggregationSettings, aggregate
+        from engine.attention.views import heatmap_chart
+
+        charts = []
+        for side in result.sides:
+            r = side.result
+            view = aggregate(r, AggregationSettings(merge_words=r.n_tokens > 48, max_side=48))
+            charts.append(heatmap_chart(view, f"{side.label}: {view.description}", size=420))
+        return charts
+    if operation == "explain":
+        return [a.bar_chart("token") for a in result.attributions]
+    return []
 
 
 @section_for("attention")
 def _attention_section(result, _record) -> str:
-    from engine.attention import AggregationSettings, aggregate
-    from engine.attention.views import heatmap_chart
-
     parts = []
-    for side in result.sides:
+    for side, chart in zip(result.sides, figures("attention", result), strict=True):
         r = side.result
-        view = aggregate(r, AggregationSettings(merge_words=r.n_tokens > 48, max_side=48))
         stats = side.stats.to_frame()
         sink = stats.sort_values("first_token", ascending=False).head(3)
         prev = stats.sort_values("previous_token", ascending=False).head(3)
@@ -369,7 +408,7 @@ def _attention_section(result, _record) -> str:
         parts.append(
             f"<p><b>{html.escape(side.label)}</b>: {r.n_tokens} tokens, {r.n_layers} layers × "
             f"{r.n_heads} heads</p><pre>{html.escape(r.text)}</pre>"
-            f"{_png(heatmap_chart(view, view.description, size=420))}"
+            f"{_png(chart)}"
             f"<p class='note'>Heads that attend most to the first token: {heads(sink)}; "
             f"to the previous token: {heads(prev)}.</p>"
         )
