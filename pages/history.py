@@ -4,6 +4,7 @@ reproduce it, add it to a notebook, or compare two side by side."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pandas as pd
 import streamlit as st
@@ -106,11 +107,36 @@ def show(record, key: str) -> None:
         st.json(record.spec, expanded=False)
 
 
+# operation -> (page file, session key its result lives under)
+OPENS_IN = {
+    "generate": ("generate.py", "gen_result"),
+    "perplexity": ("generate.py", "eval_ppl_result"),
+    "compare": ("generate.py", "gen_comparison"),
+    "explain": ("attribution.py", "explain_result"),
+}
+
+
+def open_in_page(record) -> None:
+    """Show a recorded result on the page that made it (as if it had just run there)."""
+    page, key = OPENS_IN[record.operation]
+    result = ledger.load_result(record)
+    st.session_state[key] = result
+    st.session_state[f"{key}_run_id"] = record.id
+    if record.operation == "explain":
+        st.session_state["explain_run_id"] = record.id
+    if record.model and record.operation != "compare":
+        ui.pick_model_next_run(record.model)  # the page shows that model's results
+    st.switch_page(str(Path(__file__).parent / page))
+
+
 if len(chosen) == 1:
     record = chosen[0]
     with st.container(border=True):
         show(record, f"hist_{record.id}")
-        a, b = st.columns(2)
+        a, b, c = st.columns(3)
+        openable = record.operation in OPENS_IN and record.status == "done"
+        if openable and c.button("Open in its page", key="hist_open"):
+            open_in_page(record)
         with a:
             ui.add_to_notebook(record.id if record.status == "done" else None, "hist_add")
         reproducing = st.session_state.get(REPRODUCE)

@@ -66,3 +66,14 @@ def test_two_runs_side_by_side(at):
     assert any(m.label == "Tokens" for m in at.metric)
     assert any(m.label == "Perplexity" for m in at.metric)
     assert any("differ" in c.value for c in at.caption)
+
+
+def test_open_a_generation_in_its_page(at):
+    at.selectbox(key="hist_kind").set_value("generate").run()
+    select_rows(at, [0])
+    at.button(key="hist_open").click().run()
+    assert not at.exception, at.exception
+    assert any(t.value == "Generate" for t in at.title)
+    shown = at.session_state["gen_result"]
+    assert shown.prompt == "the capital of france is" and len(shown.tokens) == 3
+    assert any(m.label == "Tokens" and m.value == "3" for m in at.metric)

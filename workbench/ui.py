@@ -139,8 +139,20 @@ def _use_other_model() -> None:
         st.session_state[MODEL_KEY] = other
 
 
+PENDING_MODEL = "_pending_model"
+
+
+def pick_model_next_run(name: str) -> None:
+    """Select ``name`` in the sidebar picker from the next script run on (the picker's own
+    value cannot change once it is drawn in this run)."""
+    st.session_state[PENDING_MODEL] = name
+
+
 def model_picker() -> None:
     """Sidebar: choose the active model (embedded, stored, or any folder / hub id)."""
+    pending = st.session_state.pop(PENDING_MODEL, None)
+    if pending:
+        st.session_state[MODEL_KEY] = pending
     wb = engine()
     names = [entry.name for entry in wb.catalog()]
     current = selected_model_name()
