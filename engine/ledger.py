@@ -282,7 +282,7 @@ class Ledger:
             "seed": identity.get("seed"),
             "spec": spec_plain,
             "input_text": _input_text(spec_plain),
-            "input_ids": spec_plain.get("input_ids"),
+            "input_ids": spec_plain.get("input_ids") or _result_ids(result),
             "versions": identity.get("versions") or {},
             "seconds": seconds,
             "error": error,
@@ -430,6 +430,14 @@ class Ledger:
         if file_sha256(path) != record.result_sha256:
             return f"its result file {record.result_path} was changed (sha256 differs)"
         return None
+
+
+def _result_ids(result: Any) -> list[int] | None:
+    """The input token ids a result carries (perplexity, attention), when the spec has none."""
+    ids = getattr(result, "token_ids", None)
+    if ids is None and getattr(result, "sides", None):
+        ids = getattr(result.sides[0].result, "token_ids", None)
+    return [int(i) for i in ids] if ids is not None else None
 
 
 def _input_text(spec: dict) -> str | None:

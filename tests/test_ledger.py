@@ -165,7 +165,7 @@ def test_every_api_run_is_recorded_with_its_identity(tmp_path, tiny_models):
     result = model.generate("the capital of france is", max_new_tokens=5, greedy=False, seed=7)
     with pytest.raises(InputError):
         model.perplexity("   ")
-    generate, failed = wb.ledger.records()
+    generate, failed = wb.ledger.records()[:2]
     assert generate.operation == "generate" and generate.status == "done"
     assert (
         generate.fingerprint == fingerprint(tiny_models["llama"]) == result.provenance.fingerprint
@@ -176,6 +176,9 @@ def test_every_api_run_is_recorded_with_its_identity(tmp_path, tiny_models):
     assert generate.input_ids == ids and generate.input_text == "the capital of france is"
     stored = json.loads(wb.ledger.result_file(generate).read_text())
     assert stored["text"] == result.text
+    model.perplexity("the capital of france is paris")
+    scored = wb.ledger.records(kind="perplexity")[-1]
+    assert scored.input_ids == model.loaded.tokenizer("the capital of france is paris")["input_ids"]
     assert failed.operation == "perplexity" and failed.status == "failed"
     assert "empty" in failed.error and failed.result_path is None
     assert wb.ledger.verify().ok
