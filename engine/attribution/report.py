@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from engine.attribution.agreement import agreement
-from engine.attribution.views import NEGATIVE, POSITIVE, colour
+from engine.attribution.views import NEGATIVE, POSITIVE, colour, coloured_text
 
 __all__ = ["colour", "coloured_text", "faithfulness_verdict", "html_report", "when"]
 
@@ -34,28 +34,6 @@ def when(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     return dt.datetime.fromtimestamp(float(seconds), tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def coloured_text(result) -> str:
-    """The input text with each token's background coloured by its score (HTML spans)."""
-    scores = np.asarray(result.scores, float)
-    scale = float(np.abs(scores).max()) if scores.size else 0.0
-    parts, cursor = [], 0
-    for i, token in enumerate(result.tokens):
-        start, end = (int(v) for v in result.offsets[i])
-        if not result.free[i] or end <= start:
-            continue
-        if start > cursor:
-            parts.append(html.escape(result.text[cursor:start]))
-        title = f"{token!r}: {scores[i]:+.4f}"
-        parts.append(
-            f'<span class="tok" title="{html.escape(title)}" '
-            f'style="background:{colour(scores[i], scale)}">'
-            f"{html.escape(result.text[start:end])}</span>"
-        )
-        cursor = max(cursor, end)
-    parts.append(html.escape(result.text[cursor:]))
-    return "".join(parts)
 
 
 def _bars(result, k: int = 10) -> str:

@@ -7,6 +7,8 @@ altair are imported lazily.
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 POSITIVE, NEGATIVE = "#16a34a", "#dc2626"  # green raises the target score, red lowers it
@@ -125,8 +127,28 @@ def curves_chart(faithfulness):
     )
 
 
+def coloured_text(result) -> str:
+    """The input text with each token's background coloured by its score (HTML spans)."""
+    scores = np.asarray(result.scores, float)
+    scale = float(np.abs(scores).max()) if scores.size else 0.0
+    parts, cursor = [], 0
+    for i, token in enumerate(result.tokens):
+        start, end = (int(v) for v in result.offsets[i])
+        if not result.free[i] or end <= start:
+            continue
+        if start > cursor:
+            parts.append(html.escape(result.text[cursor:start]))
+        title = f"{token!r}: {scores[i]:+.4f}"
+        parts.append(
+            f'<span class="tok" title="{html.escape(title)}" '
+            f'style="background:{colour(scores[i], scale)}">'
+            f"{html.escape(result.text[start:end])}</span>"
+        )
+        cursor = max(cursor, end)
+    parts.append(html.escape(result.text[cursor:]))
+    return "".join(parts)
+
+
 def coloured_html(result) -> str:
     """The input text with each token coloured by its score, in a block (escaped HTML)."""
-    from engine.attribution.report import coloured_text
-
     return f'<div style="line-height:2;font-size:1.1em">{coloured_text(result)}</div>'
