@@ -36,7 +36,10 @@ browser:
 	      || echo "warning: could not install chromium; browser tests will skip (fail under CI)"; \
 	  else echo "warning: chromium missing and apt-get unavailable; browser tests will skip"; fi; }
 
+# The embedded models are converted into the store before the server starts (a one-off minute,
+# with progress), so the first click of a demo answers in seconds.
 run: install
+	$(BIN)/workbench models prepare
 	$(BIN)/workbench serve $(ARGS)
 
 lint: install-test
@@ -47,7 +50,9 @@ format: install-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# The tests' shared store gets its one-off conversion here, with progress, not inside a test.
 test: install-test browser lint
+	WORKBENCH_HOME=.cache/test-home $(BIN)/workbench models prepare
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: install

@@ -186,7 +186,17 @@ with tab_gen:
             st.session_state.pop(RESULT, None)
             st.rerun()
     prompt_label = "Your message" if chat_mode else "Prompt"
-    user_text = st.text_area(prompt_label, key="gen_input", height=120)
+    example = "The Eiffel Tower is located in the city of"
+    if not st.session_state.get("gen_input") and not chat_mode:
+        st.button(
+            f"Try: “{example}”",
+            key="gen_example",
+            on_click=lambda: st.session_state.update(gen_input=example),
+            help="A first prompt: SmolLM2 answers it in a second or two.",
+        )
+    user_text = st.text_area(
+        prompt_label, key="gen_input", height=120, placeholder=f"e.g. {example}"
+    )
     go = st.button(
         "Send" if chat_mode else "Generate",
         type="primary",

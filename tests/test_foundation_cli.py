@@ -86,3 +86,14 @@ def test_pickled_weights_need_the_cli_opt_in(tiny_models, tmp_path):
         "--allow-pickle", "generate", str(folder), "hello", "--max-new-tokens", "2", home=tmp_path
     )
     assert allowed.returncode == 0, allowed.stderr
+
+
+def test_models_prepare_converts_once(tmp_path):
+    first = run_cli("models", "prepare", "minilm-l6", home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "minilm-l6: converted" in first.stdout and "%]" in first.stderr  # with progress
+    assert (tmp_path / "models" / "minilm-l6" / "manifest.json").is_file()
+    again = run_cli("models", "prepare", "minilm-l6", home=tmp_path)
+    assert "minilm-l6: already in the store" in again.stdout
+    unknown = run_cli("models", "prepare", "no-such-model", home=tmp_path)
+    assert unknown.returncode == 2 and "not an embedded model" in unknown.stderr

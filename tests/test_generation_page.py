@@ -241,3 +241,9 @@ def test_compare_works_out_of_the_box_with_one_model(app):
     assert comparison.outcomes[0].model == comparison.outcomes[1].model
     assert "temperature 1.0" in comparison.outcomes[1].label
     assert all(o.result for o in comparison.outcomes)
+
+
+def test_empty_page_suggests_a_first_prompt(app):
+    app.button(key="gen_example").click().run()
+    assert app.text_area(key="gen_input").value.startswith("The Eiffel Tower")
+    assert not [b for b in app.button if b.key == "gen_example"]  # gone once there is text

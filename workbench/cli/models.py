@@ -62,6 +62,30 @@ def remove(args, _extra) -> int:
     return 0
 
 
+def prepare(args, _extra) -> int:
+    """Convert the embedded models into the store now (set-up), so a first click answers fast."""
+    import time
+
+    from engine.catalog import EMBEDDED
+    from engine.loading import materialize_embedded
+    from workbench.cli.common import progress_printer
+
+    store = open_workbench().store
+    for alias in args.names or list(EMBEDDED):
+        if alias not in EMBEDDED:
+            from engine.errors import InputError
+
+            raise InputError(f"{alias!r} is not an embedded model ({', '.join(EMBEDDED)}).")
+        started = time.perf_counter()
+        had = alias in store.names()
+        materialize_embedded(alias, store, progress_printer)
+        done = (
+            "already in the store" if had else f"converted in {time.perf_counter() - started:.0f} s"
+        )
+        print(f"{alias}: {done}")
+    return 0
+
+
 def register(sub) -> None:
     models = sub.add_parser("models", help="list, verify or remove models")
     actions = models.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -71,6 +95,11 @@ def register(sub) -> None:
     check = actions.add_parser("verify", help="recompute a store entry's sha256 fingerprint")
     check.add_argument("name")
     check.set_defaults(func=verify)
+    prep = actions.add_parser(
+        "prepare", help="convert the embedded models into the store (done by make run/test)"
+    )
+    prep.add_argument("names", nargs="*", help="embedded aliases (default: all)")
+    prep.set_defaults(func=prepare)
     rm = actions.add_parser("remove", help="delete a store entry")
     rm.add_argument("name")
     rm.set_defaults(func=remove)
