@@ -54,7 +54,7 @@ def generate(args, _extra) -> int:
     ppl = f"{result.perplexity:.2f}" if result.perplexity is not None else "n/a"
     print(
         f"[{len(result.tokens)} tokens, {result.finish_reason}, perplexity {ppl}, "
-        f"seed {result.settings.seed}]",
+        f"{'seed ' + str(result.settings.seed) if result.settings.seed is not None else 'no seed (greedy)'}]",
         file=sys.stderr,
     )
     return 0
