@@ -285,7 +285,34 @@ def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[di
             )
             spec["train"] = train
         if kind == "evaluate":
-            spec["metric"] = "perplexity"
+            metrics = ["perplexity", "overlap"]
+            spec["metric"] = st.radio(
+                "Metric",
+                metrics,
+                index=metrics.index(spec.get("metric", "perplexity")),
+                format_func={"perplexity": "Perplexity of the text", "overlap": "BLEU / chrF"}.get,
+                horizontal=True,
+                key=f"{key}_metric",
+            )
+            if spec["metric"] == "overlap":  # hypothesis = the text above; a reference to type
+                spec["hypothesis"] = spec.pop("text", spec.get("hypothesis", ""))
+                if "text" in refs:
+                    refs["hypothesis"] = refs.pop("text")
+                spec["reference"] = st.text_area(
+                    "Reference", spec.get("reference", ""), key=f"{key}_reference"
+                )
+        if kind == "generate":
+            chat = st.toggle(
+                "Chat (through the model's chat template)",
+                bool(spec.get("messages")),
+                key=f"{key}_chat",
+            )
+            spec["chat"] = chat
+            spec.pop("messages", None)  # the chat is built from the (resolved) prompt when run
+            if chat:
+                spec["system"] = st.text_input(
+                    "System message (optional)", spec.get("system", ""), key=f"{key}_sys"
+                )
         if kind in ("generate", "compare"):
             settings = dict(spec.get("settings") or {"max_new_tokens": 32, "greedy": True})
             c1, c2, c3 = st.columns(3)

@@ -264,3 +264,41 @@ def test_a_finetune_cell_trains_and_a_later_cell_uses_its_model(wb, tiny_models,
     assert label.provenance.model == "nb-tuned"  # the cell used the model the job produced
     direct = wb.load("nb-tuned").classify("a good film")
     assert (label.label, label.scores) == (direct.label, direct.scores)
+
+
+def test_chat_and_bleu_cells(wb, tiny_models):
+    from engine.generation import ChatMessage
+
+    model = str(tiny_models["llama"])
+    store = wb.notebooks
+    book = store.create("chat")
+    chat = store.add_cell(
+        book.id,
+        "generate",
+        {
+            "model": model,
+            "prompt": "hello world",
+            "chat": True,
+            "system": "be brief",
+            "settings": {"max_new_tokens": 3, "greedy": True},
+        },
+    )
+    score = store.add_cell(
+        book.id,
+        "evaluate",
+        {"metric": "overlap", "reference": "the capital of france"},
+        refs={"hypothesis": Ref(chat.id, "text")},
+    )
+    wait_all(wb, book.id, timeout=120)
+    book = store.get(book.id)
+    reply = cell_result(wb, book.cell(chat.id))
+    direct = wb.load(model).chat(
+        [ChatMessage("system", "be brief"), ChatMessage("user", "hello world")],
+        max_new_tokens=3,
+        greedy=True,
+    )
+    assert reply.mode == "chat" and reply.tokens == direct.tokens
+    scores = cell_result(wb, book.cell(score.id))
+    from engine.generation.evaluation import overlap_scores
+
+    assert scores.bleu == overlap_scores(reply.text, "the capital of france").bleu

@@ -49,9 +49,13 @@ def _model_name(spec: dict) -> str:
 
 @starter("generate")
 def _generate(workbench, spec: dict) -> runs.Run:
-    from engine.generation import ChatMessage
+    """A prompt, or a chat turn: ``messages`` as recorded, or ``chat`` (+ ``system``) to send
+    the prompt as a user message through the model's chat template."""
+    from engine.generation import ChatMessage, conversation
 
     messages = [ChatMessage(m["role"], m["content"]) for m in spec.get("messages") or []]
+    if not messages and spec.get("chat"):
+        messages = conversation([], spec.get("prompt", ""), spec.get("system", ""))
     model = workbench.load(_model_name(spec))
     return model.start_generation(spec.get("prompt", ""), _settings(spec), messages or None)
 
