@@ -8,14 +8,13 @@ run): a fragment polls it every second while the job is active.
 import hashlib
 import time
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec, TrainConfig
 from engine.finetune.jobs import RESUMABLE, JobStore
-from workbench import ui
+from workbench import renderers, ui
 
 st.title("Fine-tune")
 st.caption(
@@ -35,37 +34,6 @@ def fmt_seconds(s: float | None) -> str:
         return "–"
     s = int(round(s))
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
-
-
-def curves(records: list[dict], task: str) -> None:
-    """Loss (train and eval) and the eval quality metric against the optimizer step."""
-    train = [r for r in records if r.get("type") == "train"]
-    evals = [r for r in records if r.get("type") == "eval"]
-    if not train and not evals:
-        st.caption("Curves appear after the first step.")
-        return
-    loss = pd.DataFrame(
-        [{"step": r["step"], "loss": r["loss"], "series": "train loss"} for r in train]
-        + [{"step": r["step"], "loss": r["eval_loss"], "series": "eval loss"} for r in evals]
-    )
-    left, right = st.columns(2)
-    left.altair_chart(
-        alt.Chart(loss, title="Loss")
-        .mark_line(point=True)
-        .encode(x="step:Q", y="loss:Q", color="series:N", tooltip=["step", "loss", "series"]),
-        width="stretch",
-    )
-    keys = ("accuracy", "f1") if task == "classification" else ("perplexity",)
-    quality = pd.DataFrame(
-        [{"step": r["step"], "value": r[k], "metric": k} for r in evals for k in keys if k in r]
-    )
-    if not quality.empty:
-        right.altair_chart(
-            alt.Chart(quality, title="Validation " + " / ".join(keys))
-            .mark_line(point=True)
-            .encode(x="step:Q", y="value:Q", color="metric:N", tooltip=["step", "value", "metric"]),
-            width="stretch",
-        )
 
 
 def use_model(name: str) -> None:
@@ -148,7 +116,7 @@ def monitor(job_id: str, task: str, title: str) -> None:
         with ui.guard():
             jobs.resume(job_id)
         st.rerun(scope="app")
-    curves(list(progress.records), task)
+    renderers.training_curves(list(progress.records), task)
     with st.expander("Log", expanded=snap.state == "failed"):
         st.code(jobs.log_tail(job_id, 40) or "(empty)", language="text")
     if snap.state == "done":

@@ -150,7 +150,18 @@ if middle.button(
 if run is not None and right.button("Stop", key="nb_stop"):
     run.cancel()
 
-ui.poll_run(RUN, lambda r: ui.run_progress(r, key="nb_progress_stop"), every=1.0)
+
+def running_view(current) -> None:
+    """Progress, and a fine-tune's live curves while its cell runs."""
+    ui.run_progress(current, key="nb_progress_stop")
+    partial = current.snapshot().partial
+    records = list(getattr(partial, "records", None) or ())
+    if records:
+        classifier = any("accuracy" in r for r in records)
+        renderers.training_curves(records, "classification" if classifier else "causal-lm")
+
+
+ui.poll_run(RUN, running_view, every=1.0)
 if st.session_state.get(RUN_ERROR):
     ui.show_error(st.session_state[RUN_ERROR])
 

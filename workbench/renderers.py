@@ -11,6 +11,7 @@ import html
 from collections.abc import Callable
 from typing import Any
 
+import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -235,3 +236,34 @@ def explanation_set(result, key: str, level: str = "token") -> None:
     if result.agreement is not None:
         st.subheader("Method agreement")
         st.dataframe(result.agreement_frame(), hide_index=True, width="stretch")
+
+
+def training_curves(records: list[dict], task: str) -> None:
+    """Loss (train and eval) and the eval quality metric against the optimizer step."""
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    if not train and not evals:
+        st.caption("Curves appear after the first step.")
+        return
+    loss = pd.DataFrame(
+        [{"step": r["step"], "loss": r["loss"], "series": "train loss"} for r in train]
+        + [{"step": r["step"], "loss": r["eval_loss"], "series": "eval loss"} for r in evals]
+    )
+    left, right = st.columns(2)
+    left.altair_chart(
+        alt.Chart(loss, title="Loss")
+        .mark_line(point=True)
+        .encode(x="step:Q", y="loss:Q", color="series:N", tooltip=["step", "loss", "series"]),
+        width="stretch",
+    )
+    keys = ("accuracy", "f1") if task == "classification" else ("perplexity",)
+    quality = pd.DataFrame(
+        [{"step": r["step"], "value": r[k], "metric": k} for r in evals for k in keys if k in r]
+    )
+    if not quality.empty:
+        right.altair_chart(
+            alt.Chart(quality, title="Validation " + " / ".join(keys))
+            .mark_line(point=True)
+            .encode(x="step:Q", y="value:Q", color="metric:N", tooltip=["step", "value", "metric"]),
+            width="stretch",
+        )

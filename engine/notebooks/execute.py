@@ -207,6 +207,7 @@ def _run_one(
     while not inner.join(0.1):
         snap = inner.snapshot()
         ctx.progress((i + snap.fraction) / n, snap.message)
+        ctx.partial(snap.partial)  # e.g. a fine-tune's metrics so far, for a live view
         if ctx.cancelled:
             inner.cancel()
     snap = inner.snapshot()
