@@ -12,8 +12,9 @@ import pandas as pd
 import streamlit as st
 
 from engine.finetune import data as ftdata
-from engine.finetune.config import JobSpec, TrainConfig
+from engine.finetune.config import JobSpec, TrainConfig, choose_settings
 from engine.finetune.jobs import RESUMABLE, JobStore
+from engine.finetune.result import read_json
 from workbench import renderers, ui
 
 st.title("Fine-tune")
@@ -116,6 +117,9 @@ def monitor(job_id: str, task: str, title: str) -> None:
         with ui.guard():
             jobs.resume(job_id)
         st.rerun(scope="app")
+    chosen = (read_json(jobs.folder(job_id) / "state.json", {}) or {}).get("settings")
+    if isinstance(chosen, dict) and chosen.get("why"):
+        st.caption(f"Settings: {chosen['why']}")
     renderers.training_curves(list(progress.records), task)
     with st.expander("Log", expanded=snap.state == "failed"):
         st.code(jobs.log_tail(job_id, 40) or "(empty)", language="text")
@@ -226,13 +230,13 @@ st.dataframe(pd.DataFrame(list(table.rows[:50])), hide_index=True, width="stretc
 
 with st.expander("Hyper-parameters", expanded=False):
     h = st.columns(4)
-    epochs = h[0].number_input("Epochs", 0.1, 100.0, 3.0, 0.5, key="ft_epochs")
+    auto = "0: chosen from the data size (the line under the table says what and why)."
+    epochs = h[0].number_input("Epochs (0: auto)", 0.0, 100.0, 0.0, 0.5, key="ft_epochs", help=auto)
     max_steps = h[0].number_input("Max steps (0: use epochs)", 0, 1_000_000, 0, key="ft_max_steps")
-    batch = h[1].number_input("Batch size", 1, 1024, 16, key="ft_batch")
+    batch = h[1].number_input("Batch size (0: auto)", 0, 1024, 0, key="ft_batch", help=auto)
     lr = h[1].number_input(
-        "Learning rate (0: default)", 0.0, 1.0, 0.0, format="%.0e", key="ft_lr",
-        help="Default 5e-5 for full fine-tuning, 5e-4 for LoRA.",
-    )  # fmt: skip
+        "Learning rate (0: auto)", 0.0, 1.0, 0.0, format="%.0e", key="ft_lr", help=auto
+    )
     max_len = h[2].number_input("Max length (tokens)", 8, 32768, 128, key="ft_maxlen")
     warmup = h[2].number_input("Warm-up ratio", 0.0, 0.9, 0.1, 0.05, key="ft_warmup")
     decay = h[3].number_input("Weight decay", 0.0, 1.0, 0.01, 0.01, key="ft_decay")
@@ -255,6 +259,22 @@ summary = f"{len(table)} rows → {len(prepared.train)} train / {len(prepared.va
 if prepared.labels:
     summary += " · classes: " + ", ".join(f"{k} ({v})" for k, v in prepared.class_counts().items())
 st.caption(summary)
+train = TrainConfig(
+    epochs=float(epochs) or None,
+    max_steps=int(max_steps),
+    batch_size=int(batch) or None,
+    learning_rate=float(lr) or None,
+    max_length=int(max_len),
+    warmup_ratio=float(warmup),
+    weight_decay=float(decay),
+    seed=int(seed),
+    val_fraction=float(val_fraction),
+    eval_every=int(eval_every),
+    checkpoint_every=int(ckpt_every),
+    lora=lora,
+    merge_lora=merge,
+)
+st.info(f"**Settings:** {choose_settings(train, len(prepared.train), task, int(processes)).why}")
 
 kinds = ("encoder", "classifier") if task == "classification" else ("causal-lm",)
 bases = [e.name for e in wb.catalog() if e.kind in kinds and e.installed]
@@ -275,21 +295,7 @@ if st.button("Start fine-tuning", type="primary", key="ft_start"):
         data=str(data_path),
         out=out.strip(),
         columns=columns,
-        train=TrainConfig(
-            epochs=float(epochs),
-            max_steps=int(max_steps),
-            batch_size=int(batch),
-            learning_rate=float(lr) or None,
-            max_length=int(max_len),
-            warmup_ratio=float(warmup),
-            weight_decay=float(decay),
-            seed=int(seed),
-            val_fraction=float(val_fraction),
-            eval_every=int(eval_every),
-            checkpoint_every=int(ckpt_every),
-            lora=lora,
-            merge_lora=merge,
-        ),
+        train=train,
         processes=int(processes),
         allow_pickle=wb.manager.options.allow_pickle,  # the server's WORKBENCH_ALLOW_PICKLE
     )

@@ -31,6 +31,10 @@ def test_finetune_then_classify(tmp_path, tiny_models, monkeypatch, capsys):
     job = json.loads(captured.out)
     assert job["status"] == "completed" and job["step"] == job["total_steps"] == 16
     assert "step 16/16" in captured.err  # progress was shown
+    settings = job["settings"]  # what the job ran with, and why (all explicit here)
+    assert (settings["epochs"], settings["batch_size"], settings["learning_rate"]) == (4, 8, 5e-3)
+    assert settings["automatic"] == [] and settings["steps"] == 16
+    assert "settings: 32 training examples, batch 8: 16 steps (4 epochs) at 5e-3." in captured.err
     result = job["result"]
     before, after = result["metrics_before"], result["metrics_after"]
     assert after["eval_loss"] < before["eval_loss"]

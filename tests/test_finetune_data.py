@@ -87,8 +87,8 @@ def test_too_few_lm_examples(tmp_path):
 
 
 def test_config_validation_and_defaults():
-    assert TrainConfig().validated().learning_rate == 5e-5
-    assert TrainConfig(lora=True).validated().learning_rate == 5e-4
+    assert TrainConfig().validated().learning_rate is None  # automatic: choose_settings
+    assert TrainConfig(learning_rate=5e-5).validated().learning_rate == 5e-5
     with pytest.raises(InputError, match="batch_size"):
         TrainConfig(batch_size=0).validated()
     with pytest.raises(InputError, match="Invalid model name"):
@@ -175,7 +175,7 @@ def test_empty_cells_are_reported_by_file_line(tmp_path):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"train": {"epochs": "3"}}, "epochs must be float or int, not str"),
+        ({"train": {"epochs": "3"}}, "epochs must be float or int or None, not str"),
         ({"train": {"steps": "50"}}, "Unknown TrainConfig setting"),
         ({"train": {"lora": "yes"}}, "lora must be bool"),
         ({"processes": "2"}, "processes must be int"),

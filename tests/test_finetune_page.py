@@ -54,6 +54,8 @@ def test_page_start_progress_cancel_resume_and_use(app, tiny_models, monkeypatch
     assert at.selectbox(key="ft_label_sentiment.csv").value == "label"
     assert at.dataframe  # the preview table
     assert any("negative (158)" in c.value for c in at.caption)
+    settings = [i.value for i in at.info if "**Settings:**" in i.value]
+    assert settings and "batch 8:" in settings[0] and "Chosen automatically" in settings[0]
 
     at.text_input(key="ft_base_other").input(str(tiny_models["classifier"]))
     at.number_input(key="ft_max_steps").set_value(12)
@@ -67,6 +69,7 @@ def test_page_start_progress_cancel_resume_and_use(app, tiny_models, monkeypatch
         at, lambda a: "Step 2/12" in page_text(a) or _progress_step(a) >= 2, what="progress"
     )
     assert any("running" in m.value for m in at.markdown)
+    assert "steps (max_steps 12)" in page_text(at)  # the job's settings, and why
     at.button(key=f"cancel_{job_id}").click().run()
     rerun_until(at, lambda a: any("**cancelled**" in m.value for m in a.markdown), what="cancel")
 

@@ -27,7 +27,7 @@ from engine.devices import choose_placement
 from engine.errors import CancelledError, InputError
 from engine.files import atomic_write, atomic_write_json, atomic_write_text, disk_error
 from engine.finetune import data as ftdata
-from engine.finetune.config import JobSpec
+from engine.finetune.config import JobSpec, choose_settings, plan
 from engine.finetune.result import FinetuneResult, read_json, record_in_ledger
 from engine.provenance import Provenance
 from engine.store import ModelStore, fingerprint
@@ -206,11 +206,10 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
 
 
 def plan_steps(n_train: int, spec: JobSpec, world: int) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch) for the global batch size."""
-    per_epoch = math.ceil(n_train / (spec.train.batch_size * world))
-    if spec.train.max_steps:
-        return spec.train.max_steps, per_epoch
-    return max(1, math.ceil(per_epoch * spec.train.epochs)), per_epoch
+    """(total optimizer steps, steps per epoch) for the global batch size; ``spec.train`` has
+    its automatic values filled (``choose_settings``)."""
+    cfg = spec.train
+    return plan(n_train, cfg.batch_size, cfg.epochs, cfg.max_steps, world)
 
 
 # --- evaluation --------------------------------------------------------------------------
@@ -351,12 +350,18 @@ def run(folder: Path, home: Path, dist: Dist = Dist()) -> FinetuneResult | None:
     from transformers import get_linear_schedule_with_warmup
 
     spec = JobSpec.from_dict(read_json(folder / "spec.json"))
-    cfg = spec.train
     rec = Recorder(folder, dist.main)
     rec.update(phase="loading", message=f"Loading {spec.base} and the data…")
     store = ModelStore(home)
     base = find_base(spec.base, store, spec.allow_pickle)
+    cfg = spec.train
     prepared = ftdata.load(spec.data, spec.task, spec.columns, cfg.val_fraction, cfg.seed)
+    # automatic epochs / batch size / learning rate from the data size (the same on a resume)
+    settings = choose_settings(cfg, len(prepared.train), spec.task, dist.world)
+    spec = replace(spec, train=settings.train)
+    cfg = spec.train
+    rec.update(settings=settings.to_dict())
+    rec.log(f"Settings: {settings.why}")
 
     placement = choose_placement()
     device = torch.device(placement.device)
@@ -650,7 +655,8 @@ def merge_adapter(folder: Path, home: Path) -> FinetuneResult:
     if not isinstance(recorded, dict):
         raise InputError(f"Job {folder.name} has no recorded result: it has not completed.")
     old = FinetuneResult.from_dict(recorded)
-    merged = replace(spec, train=replace(spec.train, merge_lora=True))
+    used = old.hyperparameters or spec.train  # the values the job chose and trained with
+    merged = replace(spec, train=replace(used, merge_lora=True))
     return export(
         folder, merged, base, prepared, model, tokenizer, store,
         old.metrics_before, old.metrics_after, old.steps,

@@ -3,7 +3,9 @@
 Runs the job in its own process (as the page does), shows progress on stderr and, with
 ``--json``, prints the job and its result (before/after metrics, store entry, provenance) on
 stdout. ``--data`` also takes a shipped sample name (sentiment, instructions, stories).
-``--status JOB_ID`` shows one job (its one-line error when it failed); the global
+Epochs, batch size and learning rate left out are chosen from the data size (printed, and under
+``settings`` in the JSON, with the reason). ``--status JOB_ID`` shows one job (its one-line
+error when it failed); the global
 ``workbench --allow-pickle finetune ...`` lets a base folder with pickled weights load.
 """
 
@@ -13,6 +15,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from engine.errors import EngineError
 from engine.finetune import ColumnMap, JobSpec, JobStore, TrainConfig
 from engine.finetune.data import SAMPLES, sample_path
 from workbench.cli.common import print_json
@@ -40,11 +43,26 @@ def _printer():
     return show
 
 
+def _settings(jobs: JobStore, job_id: str) -> dict | None:
+    """The job's epochs, batch size, learning rate and steps, which of them were chosen
+    automatically and why (``Settings.to_dict()``); None when its data cannot be read."""
+    try:
+        return jobs.spec(job_id).settings().to_dict()
+    except (EngineError, OSError):
+        return None
+
+
 def _job_json(jobs: JobStore, info) -> dict:
-    """The job row, its folder and its result (``FinetuneResult.to_dict()``, or None)."""
+    """The job row, its folder, its settings (``_settings``) and its result
+    (``FinetuneResult.to_dict()``, or None)."""
     data = {k: v for k, v in asdict(info).items() if k != "folder"}
     result = jobs.result(info.id)
-    return {**data, "folder": str(info.folder), "result": result.to_dict() if result else None}
+    return {
+        **data,
+        "folder": str(info.folder),
+        "settings": _settings(jobs, info.id),
+        "result": result.to_dict() if result else None,
+    }
 
 
 def _report(jobs: JobStore, info, as_json: bool) -> int:
@@ -123,9 +141,19 @@ def finetune(args, _extra) -> int:
     )
     info = jobs.submit(spec)
     print(f"job {info.id} started (folder {info.folder})", file=sys.stderr)
+    settings = _settings(jobs, info.id)
+    if settings:
+        print(f"settings: {settings['why']}", file=sys.stderr)
     if args.no_wait:
         if args.json:
-            print_json({"id": info.id, "status": info.status, "folder": str(info.folder)})
+            print_json(
+                {
+                    "id": info.id,
+                    "status": info.status,
+                    "folder": str(info.folder),
+                    "settings": settings,
+                }
+            )
         return 0
     return _follow(jobs, info.id, args.json)
 
@@ -142,10 +170,11 @@ def register(sub) -> None:
     p.add_argument("--response-column", help="instruction pairs: the response column")
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter (merged on save)")
     p.add_argument("--no-merge", action="store_true", help="with --lora: keep only the adapter")
-    p.add_argument("--epochs", type=float, default=3.0)
+    auto = "default: chosen from the data size"
+    p.add_argument("--epochs", type=float, default=None, help=auto)
     p.add_argument("--max-steps", type=int, default=0, help="overrides --epochs when > 0")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default 5e-5 (full), 5e-4 (LoRA)")
+    p.add_argument("--batch-size", type=int, default=None, help=auto)
+    p.add_argument("--lr", type=float, default=None, help=auto)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50)
