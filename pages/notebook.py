@@ -47,6 +47,21 @@ readonly = bool(shared_id)
 
 
 # --- which notebook -------------------------------------------------------------------------
+def _lessons(narrow: bool = False) -> None:
+    """The ready lessons, each with an "Open" button that makes a fresh copy to run and edit
+    (``narrow``: the button under the text, for the sidebar)."""
+    from engine.notebooks import LESSONS, open_lesson
+
+    for number, item in enumerate(LESSONS, 1):
+        text, button = (st, st) if narrow else st.columns([5, 1], vertical_alignment="center")
+        text.markdown(f"**{number}. {item.title}**  \n{item.summary}")
+        if button.button("Open", key=f"nb_lesson_{item.id}", help="Open a fresh copy"):
+            with ui.guard():
+                st.session_state[ACTIVE] = open_lesson(store, item.id).id
+            st.session_state.pop("nb_pick", None)  # the picker would keep the old choice
+            st.rerun()
+
+
 def _pick_notebook() -> str | None:
     infos = [i for i in store.list() if not i.damaged]
     for bad in (i for i in store.list() if i.damaged):
@@ -69,7 +84,12 @@ def _pick_notebook() -> str | None:
             with ui.guard():
                 st.session_state[ACTIVE] = example(store).id
             st.rerun()
+        st.subheader("Lessons")
+        st.caption("Ready lessons for a class: each opens as your own copy, to run and edit.")
+        _lessons()
         return None
+    with st.sidebar.expander("Lessons"):
+        _lessons(narrow=True)
     ids = [i.id for i in infos]
     labels = {i.id: f"{i.name} · {i.cells} cells" for i in infos}
     current = st.session_state.get(ACTIVE)

@@ -7,7 +7,8 @@
     start_cell(workbench, book.id, cell.id).wait()
 
 Modules: ``book`` (cells, references, staleness, the store), ``execute`` (running cells as
-engine runs) and ``export`` (JSON bundle, .ipynb, HTML audit report).
+engine runs), ``export`` (JSON bundle, .ipynb, HTML audit report) and ``lessons`` (ready
+lesson notebooks for a class: ``LESSONS``, ``open_lesson(store, id)``).
 """
 
 from engine.notebooks.book import (
@@ -32,11 +33,14 @@ from engine.notebooks.execute import (
     wait_all,
 )
 from engine.notebooks.handle import NotebookHandle
+from engine.notebooks.lessons import LESSONS, Lesson, open_lesson
 
 __all__ = [
     "KINDS",
+    "LESSONS",
     "OUTPUTS",
     "Cell",
+    "Lesson",
     "Notebook",
     "NotebookError",
     "NotebookHandle",
@@ -46,6 +50,7 @@ __all__ = [
     "cell_result",
     "cells_from_runs",
     "example",
+    "open_lesson",
     "outputs_of",
     "resolve_spec",
     "start_all",
