@@ -30,6 +30,13 @@ KIND_LABELS = {
     "finetune": "Fine-tune",
 }
 
+
+def activate(notebook_id: str) -> None:
+    """Make ``notebook_id`` the open notebook (the picker would keep its old choice)."""
+    st.session_state[ACTIVE] = notebook_id
+    st.session_state.pop("nb_pick", None)
+
+
 st.title("Notebook")
 wb = ui.engine()
 
@@ -57,8 +64,7 @@ def _lessons(narrow: bool = False) -> None:
         text.markdown(f"**{number}. {item.title}**  \n{item.summary}")
         if button.button("Open", key=f"nb_lesson_{item.id}", help="Open a fresh copy"):
             with ui.guard():
-                st.session_state[ACTIVE] = open_lesson(store, item.id).id
-            st.session_state.pop("nb_pick", None)  # the picker would keep the old choice
+                activate(open_lesson(store, item.id).id)
             st.rerun()
 
 
@@ -70,7 +76,7 @@ def _pick_notebook() -> str | None:
         name = st.text_input("New notebook", key="nb_new_name", placeholder="Name")
         if st.button("Create", key="nb_create") and name.strip():
             with ui.guard():
-                st.session_state[ACTIVE] = store.create(name).id
+                activate(store.create(name).id)
             st.rerun()
     if not infos:
         st.info(
@@ -82,7 +88,7 @@ def _pick_notebook() -> str | None:
             from engine.notebooks import example
 
             with ui.guard():
-                st.session_state[ACTIVE] = example(store).id
+                activate(example(store).id)
             st.rerun()
         st.subheader("Lessons")
         st.caption("Ready lessons for a class: each opens as your own copy, to run and edit.")
@@ -106,7 +112,7 @@ if readonly:
     if st.button("Fork (editable copy)", key="nb_fork"):
         with ui.guard():
             copy = store.duplicate(book.id, f"{book.name} (fork)")
-        st.session_state[ACTIVE] = copy.id
+        activate(copy.id)
         st.query_params.clear()
         st.rerun()
 else:
@@ -140,7 +146,7 @@ if not readonly:
             st.rerun()
         if c2.button("Duplicate", key="nb_duplicate"):
             with ui.guard():
-                st.session_state[ACTIVE] = store.duplicate(book.id).id
+                activate(store.duplicate(book.id).id)
             st.rerun()
         c2.caption(f"Share (read-only): `?notebook={book.id}`")
         if c3.button("Delete this notebook", key="nb_delete", type="secondary"):

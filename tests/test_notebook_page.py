@@ -211,3 +211,13 @@ def test_reproduce_all_shows_a_verdict_per_cell(home, tiny_models):
     assert len(verdicts) == 2 and all("exact" in v for v in verdicts), [e.value for e in at.error]
     held_id, held = at.session_state["nb_verdicts"]
     assert held_id == book.id and {v.verdict for v in held.values()} == {"exact"}
+
+
+def test_duplicate_opens_the_copy(home, tiny_models):
+    book = make_notebook(home, tiny_models)
+    at = open_page(tiny_models)
+    at.button(key="nb_duplicate").click().run()
+    assert at.session_state["nb_active"] != book.id
+    assert at.selectbox(key="nb_pick").value == at.session_state["nb_active"]
+    at.run()
+    assert at.session_state["nb_active"] != book.id  # still the copy after a rerun
