@@ -135,8 +135,13 @@ if run is not None and run.done:
     book = store.get(book.id)
 held = st.session_state.get(VERDICTS)
 verdicts = held[1] if held and held[0] == book.id else {}
+present = st.toggle(
+    "Presenter view",
+    key="nb_present",
+    help="For a projector: large type, one cell at a time, only Run.",
+)
 
-if not readonly:
+if not readonly and not present:
     with st.expander("Notebook: rename, duplicate, share, delete"):
         c1, c2, c3 = st.columns(3)
         new_name = c1.text_input("Name", value=book.name, key=f"nb_rename::{book.id}")
@@ -153,15 +158,17 @@ if not readonly:
             store.delete(book.id)
             st.session_state.pop(ACTIVE, None)
             st.rerun()
-left, middle, right, _ = st.columns([1, 1.4, 1, 3])
-if not readonly and left.button(
-    "Run all", key="nb_run_all", type="primary", disabled=run is not None
+left, middle, right, _ = st.columns([1, 1.4, 1, 3]) if not present else [st.empty()] * 4
+if (
+    not readonly
+    and not present
+    and left.button("Run all", key="nb_run_all", type="primary", disabled=run is not None)
 ):
     st.session_state.pop(RUN_ERROR, None)
     with ui.guard():
         st.session_state[RUN] = start_all(wb, book.id)
     st.rerun()
-if middle.button(
+if not present and middle.button(
     "Reproduce all",
     key="nb_reproduce_all",
     disabled=run is not None,
@@ -428,6 +435,69 @@ def _stored_result(home: str, run_id: str, _cell):
     return cell_result(wb, _cell)
 
 
+def cell_result_view(cell) -> None:
+    """A cell's note, or its error, stored result and reproduce verdict."""
+    if cell.kind == "markdown":
+        st.markdown(cell.spec.get("text", ""))
+        return
+    if cell.error and cell.status != "done":
+        ui.show_error(cell.error)
+    if cell.run_id:
+        result = _stored_result(str(wb.home), cell.run_id, cell)
+        if result is None:
+            st.caption("The stored result of this cell's run is missing from the ledger.")
+        else:
+            renderers.render(result, f"nb_{cell.id}")
+            st.caption(f"Run `{cell.run_id}` · `workbench rerun {cell.run_id}` reproduces it")
+        verdict = verdicts.get(cell.id)
+        if verdict is not None:
+            (st.success if verdict.match else st.error)(
+                f"Reproduce verdict: **{verdict.verdict}** ({verdict.tolerance})"
+                + "".join(f"\n- {d}" for d in verdict.differences)
+            )
+
+
+PRESENTER_CSS = """<style>
+section[data-testid="stSidebar"], header[data-testid="stHeader"] {display: none;}
+.stMainBlockContainer {max-width: 100%; padding-top: 1rem;}
+.stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer pre {font-size: 1.6rem;}
+.stMainBlockContainer h1, .stMainBlockContainer h2, .stMainBlockContainer h3 {font-size: 2.4rem;}
+.gen-tokens {font-size: 1.6rem;}
+</style>"""
+
+
+def presenter() -> None:
+    """One cell at a time in large type, with Previous / Next and Run (for a projector)."""
+    st.markdown(PRESENTER_CSS, unsafe_allow_html=True)
+    cells = book.cells
+    if not cells:
+        st.info("This notebook has no cells yet.")
+        return
+    index = min(max(int(st.session_state.get("nb_slide", 0)), 0), len(cells) - 1)
+    cell = cells[index]
+    prev, where, go, nxt = st.columns([1, 2, 1, 1])
+    if prev.button("◀ Previous", key="nb_prev", disabled=index == 0):
+        st.session_state["nb_slide"] = index - 1
+        st.rerun()
+    where.markdown(f"**Cell {index + 1} of {len(cells)}** · {KIND_LABELS.get(cell.kind)}")
+    runnable = cell.kind != "markdown" and not readonly
+    if runnable and go.button(
+        "Run", key="nb_present_run", type="primary", disabled=run is not None
+    ):
+        with ui.guard():
+            st.session_state[RUN] = start_cell(wb, book.id, cell.id)
+        st.rerun()
+    if nxt.button("Next ▶", key="nb_next", disabled=index == len(cells) - 1):
+        st.session_state["nb_slide"] = index + 1
+        st.rerun()
+    with st.container(key="nb_slide_body"):
+        cell_result_view(cell)
+
+
+if present:
+    presenter()
+    st.stop()
+
 for position, cell in enumerate(book.cells, 1):
     with st.container(border=True, key=f"cell_{cell.id}"):
         cell_header(position, cell)
@@ -440,24 +510,7 @@ for position, cell in enumerate(book.cells, 1):
                         store.edit_cell(book.id, cell.id, *saved)
                     st.session_state[EDITING] = None
                     st.rerun()
-        if cell.kind == "markdown":
-            st.markdown(cell.spec.get("text", ""))
-            continue
-        if cell.error and cell.status != "done":
-            ui.show_error(cell.error)
-        if cell.run_id:
-            result = _stored_result(str(wb.home), cell.run_id, cell)
-            if result is None:
-                st.caption("The stored result of this cell's run is missing from the ledger.")
-            else:
-                renderers.render(result, f"nb_{cell.id}")
-                st.caption(f"Run `{cell.run_id}` · `workbench rerun {cell.run_id}` reproduces it")
-            verdict = verdicts.get(cell.id)
-            if verdict is not None:
-                (st.success if verdict.match else st.error)(
-                    f"Reproduce verdict: **{verdict.verdict}** ({verdict.tolerance})"
-                    + "".join(f"\n- {d}" for d in verdict.differences)
-                )
+        cell_result_view(cell)
 
 # --- add a cell -----------------------------------------------------------------------------
 if not readonly:

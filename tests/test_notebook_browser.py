@@ -121,3 +121,41 @@ def test_notebook_story_survives_a_restart_and_reproduces(smollm, shared_home, t
     assert tab.get_by_text("Completeness").count() >= 1
     offline.close()
     context.close()
+
+
+def test_presenter_view_at_1280x720(tiny_models, tmp_path, browser):
+    """Projector size: one cell, large type, only Previous / Next / Run on screen."""
+    from engine.notebooks import NotebookStore
+
+    home = tmp_path / "home"
+    store = NotebookStore(home)
+    book = store.create("Class demo")
+    store.add_cell(book.id, "markdown", {"text": "Where is the Eiffel Tower?"})
+    store.add_cell(
+        book.id,
+        "generate",
+        {
+            "model": str(tiny_models["llama"]),
+            "prompt": "the capital of france is",
+            "settings": {"max_new_tokens": 3, "greedy": True},
+        },
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(120_000)
+    with served(home) as url:
+        page.goto(url + "/")
+        page.get_by_text("Presenter view").click()
+        note = page.locator(".st-key-nb_slide_body p", has_text="Where is the Eiffel Tower?")
+        note.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "presenter-1280x720.png"))
+        size = float(note.evaluate("e => parseFloat(window.getComputedStyle(e).fontSize)"))
+        assert size >= 24, size  # large type
+        assert page.get_by_role("button", name="Run all").count() == 0
+        assert page.locator("section[data-testid='stSidebar']").is_hidden()
+        page.get_by_role("button", name="Next ▶").click()
+        page.get_by_text("Cell 2 of 2").wait_for()
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("reproduces it").wait_for()
+        page.screenshot(path=str(ARTIFACTS / "presenter-1280x720-run.png"))
+    context.close()

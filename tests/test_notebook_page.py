@@ -221,3 +221,23 @@ def test_duplicate_opens_the_copy(home, tiny_models):
     assert at.selectbox(key="nb_pick").value == at.session_state["nb_active"]
     at.run()
     assert at.session_state["nb_active"] != book.id  # still the copy after a rerun
+
+
+def test_presenter_view_shows_one_cell_at_a_time_with_run(home, tiny_models):
+    from engine.ledger import Ledger
+
+    make_notebook(home, tiny_models)
+    at = open_page(tiny_models)
+    at.toggle(key="nb_present").set_value(True).run()
+    assert not [b for b in at.button if b.key in ("nb_run_all", "nb_reproduce_all")]
+    assert not [b for b in at.button if (b.key or "").startswith(("edit_", "del_", "run_"))]
+    assert any("Cell 1 of 3" in m.value for m in at.markdown)
+    assert not [b for b in at.button if b.key == "nb_present_run"]  # a note has no Run
+    at.button(key="nb_next").click().run()
+    assert any("Cell 2 of 3" in m.value for m in at.markdown)
+    at.button(key="nb_present_run").click().run()
+    rerun_until(at, lambda a: "nb_run" not in a.session_state)
+    assert any(m.label == "Tokens" for m in at.metric)  # the result, kept in the view
+    assert [r.operation for r in Ledger(home).records()] == ["generate"]
+    at.button(key="nb_prev").click().run()
+    assert any("Cell 1 of 3" in m.value for m in at.markdown)
