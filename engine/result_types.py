@@ -22,6 +22,7 @@ RESULT_TYPES: dict[str, tuple[str, str]] = {
     "Attribution": ("engine.attribution", "Attribution"),
     "ExplanationSet": ("engine.attribution", "ExplanationSet"),
     "FinetuneResult": ("engine.finetune.result", "FinetuneResult"),
+    "CollectedData": ("engine.notebooks.collect", "CollectedData"),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import streamlit as st
 
 from workbench import renderers, ui
@@ -27,6 +28,7 @@ KIND_LABELS = {
     "attention": "Attention",
     "explain": "Explain",
     "classify": "Classify",
+    "collect": "Collect class data",
     "finetune": "Fine-tune",
 }
 
@@ -49,6 +51,34 @@ from engine.notebooks import (  # noqa: E402  (after the engine spinner)
 )
 
 store = wb.notebooks
+
+
+def student_form(target: str) -> None:
+    """What a student sees from a collect link: the prompt, a sentence, a label, Send."""
+    from engine.errors import InputError
+    from engine.notebooks.collect import Collection, labels_of
+
+    notebook_id, _, cell_id = target.partition(":")
+    with ui.guard():
+        cell = store.get(notebook_id).cell(cell_id)
+        if cell.kind != "collect":
+            raise InputError("This link is not a data collection.")
+        labels = labels_of(cell.spec)
+    st.subheader(cell.spec.get("prompt") or "Write a sentence and pick its label")
+    with st.form("collect_form", clear_on_submit=True):
+        text = st.text_area("Your sentence", max_chars=500, key="collect_text")
+        label = st.radio("Label", labels, horizontal=True, key="collect_label")
+        sent = st.form_submit_button("Send", type="primary")
+    if sent:
+        with ui.guard():
+            Collection(wb.home, cell.id).add(text, label, labels)
+        st.success("Thank you! Your sentence was added. Send another one if you like.")
+
+
+if st.query_params.get("collect"):
+    student_form(st.query_params["collect"])
+    st.stop()
+
 shared_id = st.query_params.get("notebook")
 readonly = bool(shared_id)
 
@@ -303,6 +333,18 @@ def editor(kind: str, spec: dict, refs: dict, cells_above, key: str) -> tuple[di
             spec["truncate"] = st.checkbox(
                 "Truncate to the model's context", bool(spec.get("truncate")), key=f"{key}_tr"
             )
+        if kind == "collect":
+            raw = st.text_input(
+                "Labels (comma-separated)",
+                ", ".join(spec.get("labels") or ["positive", "negative"]),
+                key=f"{key}_labels",
+            )
+            spec["labels"] = [x.strip() for x in raw.split(",") if x.strip()]
+            spec["prompt"] = st.text_input(
+                "What students are asked",
+                spec.get("prompt", "Write a short sentence and pick its label."),
+                key=f"{key}_prompt",
+            )
         if kind == "finetune":
             from engine.finetune import samples
 
@@ -435,11 +477,52 @@ def _stored_result(home: str, run_id: str, _cell):
     return cell_result(wb, _cell)
 
 
+def collected_view(cell) -> None:
+    """The instructor's live view of a collect cell: the link, the growing table, Remove."""
+    from engine.notebooks.collect import Collection
+
+    st.markdown(
+        f"Students open **`?collect={book.id}:{cell.id}`** on this server "
+        "(the workbench's address followed by this) and send sentences."
+    )
+    box = Collection(wb.home, cell.id)
+
+    def table() -> None:
+        rows = box.rows()
+        counts = ", ".join(
+            f"{label}: {sum(r.label == label for r in rows)}" for label in cell.spec["labels"]
+        )
+        st.caption(f"{len(rows)} sentences · {counts}")
+        if not rows:
+            return
+        frame = pd.DataFrame(
+            [{"remove": False, "text": r.text, "label": r.label, "id": r.id} for r in rows]
+        )
+        edited = st.data_editor(
+            frame,
+            disabled=["text", "label", "id"],
+            hide_index=True,
+            key=f"collect_table_{cell.id}",
+        )
+        picked = list(edited.loc[edited["remove"], "id"])
+        if (
+            picked
+            and not readonly
+            and st.button(f"Remove {len(picked)} row(s)", key=f"collect_remove_{cell.id}")
+        ):
+            box.remove(picked)
+            st.rerun(scope="fragment")
+
+    st.fragment(table, run_every=3.0)()
+
+
 def cell_result_view(cell) -> None:
     """A cell's note, or its error, stored result and reproduce verdict."""
     if cell.kind == "markdown":
         st.markdown(cell.spec.get("text", ""))
         return
+    if cell.kind == "collect":
+        collected_view(cell)
     if cell.error and cell.status != "done":
         ui.show_error(cell.error)
     if cell.run_id:

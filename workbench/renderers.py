@@ -133,6 +133,14 @@ def classification(result, key: str) -> None:
     st.bar_chart(frame, x="label", y="probability", horizontal=True, height=160)
 
 
+@renderer("CollectedData")
+def collected(result, key: str) -> None:
+    counts = ", ".join(f"{label}: {n}" for label, n in result.per_label.items())
+    st.caption(
+        f"Frozen for training: {result.rows} sentences ({counts}) · sha256 {result.sha256[:16]}…"
+    )
+
+
 @renderer("FinetuneResult")
 def finetune(result, key: str) -> None:
     """Before/after metrics of a finished fine-tune and the model it produced."""

@@ -41,6 +41,7 @@ KINDS = (
     "attention",
     "explain",
     "classify",
+    "collect",
     "finetune",
 )
 # ledger operation -> the cell kind that re-runs it
@@ -62,6 +63,7 @@ OUTPUTS = {
         "full_text": "the prompt followed by the generated text",
     },
     "finetune": {"model": "the model it produced"},
+    "collect": {"data": "the sentences collected (text, label)"},
 }
 MAX_CELLS = 200
 MAX_TEXT = 100_000  # characters in any one text field of a cell

@@ -124,6 +124,18 @@ def _explain(workbench, spec: dict) -> runs.Run:
     return workbench.load(_model_name(spec)).start_explanation(explanation_spec(spec))
 
 
+@starter("collect")
+def _collect(workbench, spec: dict) -> runs.Run:
+    """Freeze the sentences collected so far into a training file (for a fine-tune cell)."""
+    from engine.notebooks.collect import Collection, labels_of
+
+    labels = labels_of(spec)
+    collection = Collection(workbench.home, spec["cell"])
+    collection.snapshot(labels)  # too few rows: say so now
+    with runs.recording(workbench.record):
+        return runs.start("collect", lambda _ctx: collection.snapshot(labels), spec=dict(spec))
+
+
 @starter("finetune")
 def _finetune(workbench, spec: dict):
     """A fine-tune job (its own process); the cell follows it through its ``JobRun``."""
@@ -184,6 +196,8 @@ def outputs_of(cell: Cell, result: Any) -> dict:
     if cell.kind == "generate" and result is not None:
         prompt = result.model_input or result.prompt
         return {"text": result.text, "prompt": prompt, "full_text": prompt + result.text}
+    if cell.kind == "collect" and result is not None:
+        return {"data": result.path}
     if cell.kind == "finetune" and result is not None:
         return {"model": getattr(result, "model", None) or cell.spec.get("out")}
     return {}
@@ -197,6 +211,8 @@ def _run_one(
     i, n = part
     try:
         spec = resolve_spec(book, cell)
+        if cell.kind == "collect":
+            spec["cell"] = cell.id
         start = STARTERS.get(cell.kind)
         if start is None:
             raise InputError(f"{cell.kind} cells cannot run here yet.")
