@@ -94,6 +94,17 @@ def minilm_sentiment(shared_home) -> str:
     return ensure_sentiment_classifier(shared_home)
 
 
+@pytest.fixture
+def clf_data(tmp_path):
+    """A tiny two-label CSV (text,label): 20 positive and 20 negative short phrases."""
+    good = ["good movie", "great film", "i love this film", "a fun plot", "very good actor"]
+    bad = ["bad movie", "terrible film", "i hate this film", "a boring plot", "very bad actor"]
+    rows = [f"{t},positive" for t in good * 4] + [f"{t},negative" for t in bad * 4]
+    path = tmp_path / "sentiment.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -28,16 +28,6 @@ def jobs(home):
 
 
 @pytest.fixture
-def clf_data(tmp_path):
-    good = ["good movie", "great film", "i love this film", "a fun plot", "very good actor"]
-    bad = ["bad movie", "terrible film", "i hate this film", "a boring plot", "very bad actor"]
-    rows = [f"{t},positive" for t in good * 4] + [f"{t},negative" for t in bad * 4]
-    path = tmp_path / "sentiment.csv"
-    path.write_text("text,label\n" + "\n".join(rows) + "\n")
-    return path
-
-
-@pytest.fixture
 def pairs_data(tmp_path):
     words = ["movie", "film", "plot", "actor", "city", "world", "model", "text"]
     path = tmp_path / "pairs.jsonl"

@@ -27,16 +27,6 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-@pytest.fixture
-def clf_data(tmp_path):
-    good = ["good movie", "great film", "i love this film", "a fun plot", "very good actor"]
-    bad = ["bad movie", "terrible film", "i hate this film", "a boring plot", "very bad actor"]
-    rows = [f"{t},positive" for t in good * 4] + [f"{t},negative" for t in bad * 4]
-    path = tmp_path / "sentiment.csv"
-    path.write_text("text,label\n" + "\n".join(rows) + "\n")
-    return path
-
-
 def race(n: int, call) -> list:
     """Run ``call(i)`` in ``n`` threads released together; each outcome is its return value
     or the exception it raised."""
