@@ -67,3 +67,11 @@ def test_other_model_box_selects_a_local_folder(app, tiny_models):
     assert not app.exception
     assert app.session_state["model_name"] == str(tiny_models["llama"])
     assert str(tiny_models["llama"]) in app.sidebar.selectbox[0].options
+
+
+def test_open_access_banner_only_with_no_auth(app, monkeypatch):
+    app.run()
+    assert not any("Open access" in w.value for w in app.warning)
+    monkeypatch.setenv("WORKBENCH_NO_AUTH", "1")
+    app.run()
+    assert any("Open access" in w.value and "--no-auth" in w.value for w in app.warning)

@@ -97,3 +97,25 @@ def test_models_prepare_converts_once(tmp_path):
     assert "minilm-l6: already in the store" in again.stdout
     unknown = run_cli("models", "prepare", "no-such-model", home=tmp_path)
     assert unknown.returncode == 2 and "not an embedded model" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "address", [["--server.address", "0.0.0.0"], ["--server.address=192.0.2.7"]]
+)
+def test_serve_refuses_a_network_address_without_login(tmp_path, address):
+    refused = run_cli("serve", *address, "--server.port", "1", home=tmp_path, timeout=60)
+    assert refused.returncode == 2
+    assert "Refusing to serve" in refused.stderr and "--no-auth" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_serve_exposure_rules():
+    from engine.errors import InputError
+    from workbench.cli.serve import check_exposure, listen_address
+
+    assert listen_address([]) == "localhost"
+    assert listen_address(["--server.port", "9", "--server.address", "0.0.0.0"]) == "0.0.0.0"
+    check_exposure(["--server.address", "127.0.0.1"], no_auth=False)  # local: fine
+    check_exposure(["--server.address", "0.0.0.0"], no_auth=True)  # said so explicitly
+    with pytest.raises(InputError, match="without a login"):
+        check_exposure(["--server.address", "0.0.0.0"], no_auth=False)

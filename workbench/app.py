@@ -5,6 +5,7 @@ at once and the torch import happens behind a spinner.
 """
 
 import gc
+import os
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,12 @@ def collect_garbage_now_and_then(every_s: float = FULL_COLLECTION_EVERY_S) -> bo
 
 collect_garbage_now_and_then()
 persist.keep(workbench_home())  # before any widget: settings survive page changes and reloads
+if os.environ.get("WORKBENCH_NO_AUTH") == "1":
+    st.warning(
+        "Open access: this workbench was started with --no-auth, so everyone who can reach "
+        "it shares every model, notebook and run.",
+        icon="🔓",
+    )
 navigation = st.navigation(PAGES)
 st.sidebar.markdown("### :material/science: LLMOS Workbench")
 ui.model_picker()

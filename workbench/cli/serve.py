@@ -26,8 +26,42 @@ def serve_command(extra: list[str]) -> tuple[list[str], Path, dict[str, str]]:
     return command, REPO, env
 
 
+LOCAL_ADDRESSES = {"localhost", "127.0.0.1", "::1", ""}
+
+
+def listen_address(extra: list[str]) -> str:
+    """The address Streamlit will listen on, from ``--server.address X`` / ``=X`` (default
+    local)."""
+    for i, arg in enumerate(extra):
+        if arg == "--server.address" and i + 1 < len(extra):
+            return extra[i + 1].strip()
+        if arg.startswith("--server.address="):
+            return arg.split("=", 1)[1].strip()
+    return "localhost"
+
+
+def check_exposure(extra: list[str], no_auth: bool) -> None:
+    """Refuse to serve on a network address without a login, unless ``--no-auth`` says so.
+
+    The workbench has no login yet: anyone who reaches a non-local address could load and
+    unload models, read every notebook and the run ledger.
+    """
+    from engine.errors import InputError
+
+    address = listen_address(extra)
+    if address not in LOCAL_ADDRESSES and not no_auth:
+        raise InputError(
+            f"Refusing to serve on {address} without a login: the workbench has no login yet, "
+            "so anyone who reaches it could use every model, notebook and run. Serve on "
+            "localhost, or pass --no-auth to serve openly (the pages then say so in a banner)."
+        )
+
+
 def serve(args, extra: list[str]) -> int:
+    check_exposure(extra, args.no_auth)
     command, cwd, env = serve_command(extra)
+    if args.no_auth:
+        env["WORKBENCH_NO_AUTH"] = "1"  # the app shows the open-access banner
     try:
         return subprocess.call(command, cwd=cwd, env=env)
     except KeyboardInterrupt:
@@ -39,5 +73,10 @@ def register(sub) -> None:
         "serve",
         help="serve the app (default http://localhost:8501)",
         description="Serve the workbench. Extra options go to Streamlit, e.g. --server.port 8600.",
+    )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="allow a non-local --server.address without a login (shown in a banner)",
     )
     parser.set_defaults(func=serve, accepts_extra=True)
