@@ -305,8 +305,11 @@ def _rerun_explain(workbench, spec: dict, rec: Recorded):
     target = {
         k: v for k, v in (spec.get("target") or {}).items() if k in TargetSpec.__dataclass_fields__
     }
+    # the options each method ran with (its automatic batch size filled in), so the re-run
+    # batches its forward passes the same way and sums in the same order
+    used = {a["method"]: a.get("options") or {} for a in (rec.result or {}).get("attributions", [])}
     methods = tuple(
-        MethodRun(m["method"], {k: v for k, v in m.get("options") or []})
+        MethodRun(m["method"], {**dict(m.get("options") or []), **_batch_of(used, m["method"])})
         for m in spec.get("methods") or []
     )
     explanation = ExplanationSpec(
@@ -318,6 +321,13 @@ def _rerun_explain(workbench, spec: dict, rec: Recorded):
         seed=int(spec.get("seed", 0)),
     )
     return workbench.load(rec.model).start_explanation(explanation)
+
+
+def _batch_of(used: dict, method: str) -> dict:
+    from engine.attribution import get_method
+
+    batch = used.get(get_method(method).name, {}).get("internal_batch_size")
+    return {"internal_batch_size": int(batch)} if batch else {}
 
 
 def _compare_explain(old: Any, new: Any, rtol: float, atol: float) -> tuple[str, list[str]]:

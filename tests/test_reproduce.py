@@ -129,3 +129,27 @@ def test_rerun_cli_prints_the_verdict_as_json(tmp_path, tiny_models):
     bad_file.write_text("[1, 2")
     broken = run_cli("rerun", str(bad_file), home=home)
     assert broken.returncode == 2 and "not a JSON file" in broken.stderr
+
+
+@pytest.mark.slow
+def test_an_explanation_reproduces_exactly_even_when_free_memory_changes(
+    real_workbench, smollm, monkeypatch
+):
+    """The automatic batch size follows free memory; the recorded one is reused on a re-run,
+    so the floating-point sums (and the scores) come out bit-identical."""
+    from engine.attribution import ExplanationSpec, MethodRun, TargetSpec, budget
+
+    spec = ExplanationSpec(
+        "The Eiffel Tower is located in the city of",
+        TargetSpec(text=" Paris"),
+        (MethodRun("integrated_gradients", {"auto_steps": False}),),
+        faithfulness=False,
+    )
+    first = smollm.start_explanation(spec).wait()
+    used = first.attributions[0].options["internal_batch_size"]
+    assert used > 1
+    record = real_workbench.ledger.records(kind="explain")[-1]
+    # far less free memory now: the automatic choice would be a smaller batch
+    monkeypatch.setattr(budget, "available_bytes", lambda loaded: 60 * 2**20)
+    verdict = reproduce(real_workbench, record.id)
+    assert verdict.verdict == "exact", verdict.differences

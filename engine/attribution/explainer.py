@@ -94,6 +94,14 @@ def _resolve(method: str | type[Method], options: Options | dict | None):
     return cls, opts
 
 
+def _used_options(opts, batch: int) -> dict:
+    """The options as run: an automatic internal batch size (0) becomes the one used."""
+    used = opts.to_dict()
+    if used.get("internal_batch_size") == 0:
+        used["internal_batch_size"] = int(batch)
+    return used
+
+
 def _plan(loaded, shape: Tokenized, cls, opts, per_token: bool, timing: bool = False) -> Estimate:
     """Rows, batch and memory of one run; with ``timing``, its seconds from the measured rates
     (or the arithmetic fallback when none are measured yet)."""
@@ -236,6 +244,8 @@ def explain(
         # completeness error is above tolerance; keep the run with the smallest error.
         attempts = cls.attempts(opts)
         best: tuple | None = None  # (relative error, steps, scores, delta, matrix)
+        kept_batch = plan.batch_size  # the batch of the run kept (recorded: batching moves
+        # floating-point sums, so a re-run with the recorded batch gives the same numbers)
         trials: list[tuple[int, float]] = []
         for n, attempt in enumerate(attempts):
             batch_size = plan.batch_size
@@ -250,11 +260,13 @@ def explain(
                 )
             free_scores, delta, matrix = run_once(attempt, batch_size)
             if delta is None:  # no completeness error to refine on
+                kept_batch = batch_size
                 break
             rel = abs(delta) / gap if gap > 0 else float("inf")
             trials.append((int(attempt.steps), float(rel)))
             if best is None or rel < best[0]:
                 best = (rel, int(attempt.steps), free_scores, delta, matrix)
+                kept_batch = batch_size
             if rel <= DELTA_TOLERANCE:
                 break
         steps_used = None
@@ -294,7 +306,7 @@ def explain(
         output_tokens=tuple(prepared.output_tokens),
         method=cls.name,
         method_title=cls.title,
-        options=opts.to_dict(),
+        options=_used_options(opts, kept_batch),
         tokens=tuple(prepared.token_texts()),
         offsets=np.asarray(prepared.offsets, dtype=int).reshape(-1, 2),
         free=free,
