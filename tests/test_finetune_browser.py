@@ -27,7 +27,8 @@ def test_finetune_in_the_browser(app_server, page, shared_home):
         expect(page.get_by_text("316 rows", exact=False)).to_be_visible(timeout=120_000)
         page.get_by_text("Hyper-parameters").click()
         steps = page.get_by_label("Max steps (0: use epochs)")
-        steps.fill("6")
+        # enough steps that Cancel lands mid-run even on a quiet machine (small batches are fast)
+        steps.fill("40")
         steps.press("Enter")
         length = page.get_by_label("Max length (tokens)")
         length.fill("32")
@@ -37,7 +38,7 @@ def test_finetune_in_the_browser(app_server, page, shared_home):
         out.press("Enter")
         page.get_by_role("button", name="Start fine-tuning").click()
 
-        expect(page.get_by_text(re.compile(r"Step [1-5]/6"))).to_be_visible(timeout=180_000)
+        expect(page.get_by_text(re.compile(r"Step [1-9]/40"))).to_be_visible(timeout=180_000)
         page.get_by_role("button", name="Cancel").click()
         expect(page.get_by_text("cancelled", exact=True)).to_be_visible(timeout=120_000)
         page.get_by_role("button", name="Resume").click()
