@@ -312,6 +312,7 @@ class Workbench:
             error=snap.error,
             identity=identity,
             created=run.started,
+            user=run.user.name,
         )
 
     def unload(self, name: str) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from engine import access
 from engine.errors import CancelledError, EngineError, MemoryBudgetError
 
 R = TypeVar("R")
@@ -263,7 +264,9 @@ class Run(Generic[R]):
     """One capability's work on a worker thread; see the module docstring.
 
     ``spec`` is what was asked for (kept for provenance and re-runs); ``operation`` names the
-    capability ("generate", "attention", ...).
+    capability ("generate", "attention", ...). ``user`` is who started it (the acting user at
+    start; the work acts as them); ``cost`` is what it asks of the model in scheduling units
+    (tokens, or attribution steps x targets), for fair queueing.
     """
 
     def __init__(
@@ -276,8 +279,11 @@ class Run(Generic[R]):
         reserve_bytes: int = 0,
         budget: ResultBudget | None = None,
         on_finish: Callable[[Run], None] | None = None,
+        cost: float = 1.0,
     ) -> None:
         self.id = secrets.token_hex(8)
+        self.user = access.current_user()
+        self.cost = max(float(cost), 1.0)
         self._on_finish = on_finish
         self.record_error: str | None = None
         self.operation = operation
@@ -310,7 +316,8 @@ class Run(Generic[R]):
     def _main(self) -> None:
         _CURRENT.context = self.context
         try:
-            result = self._work(self.context)
+            with access.acting_as(self.user):
+                result = self._work(self.context)
             state: State = "done"
         except CancelledError as exc:
             result, state, self._error = None, "cancelled", exc
@@ -329,7 +336,8 @@ class Run(Generic[R]):
             self._release()
         if self._on_finish is not None:
             try:  # e.g. the run ledger: a failure to record must not lose the result
-                self._on_finish(self)
+                with access.acting_as(self.user):
+                    self._on_finish(self)
             except Exception as exc:  # noqa: BLE001
                 self.record_error = one_line_error(exc, "recording")
         self._done.set()
@@ -436,6 +444,7 @@ def start(
     idle_timeout_s: float | None = None,
     reserve_bytes: int = 0,
     on_finish: Callable[[Run], None] | None = None,
+    cost: float = 1.0,
 ) -> Run[R]:
     """Start ``work(ctx)`` as a run on a worker thread and return at once.
 
@@ -443,6 +452,9 @@ def start(
     run starts (``MemoryBudgetError`` here, in the caller's thread, when it does not fit).
     ``on_finish(run)``: called once on the worker thread when the run has ended, before
     ``wait()`` returns (the run ledger records it there).
+    ``cost``: scheduling units (tokens; attribution steps x targets) for the fair scheduler.
+    The run belongs to the acting user (``engine.access``); with login required and nobody
+    logged in, ``AccessError`` is raised here.
     """
     return Run(
         operation,
@@ -451,4 +463,5 @@ def start(
         idle_timeout_s=idle_timeout_s,
         reserve_bytes=reserve_bytes,
         on_finish=on_finish or getattr(_CURRENT, "on_finish", None),
+        cost=cost,
     )
