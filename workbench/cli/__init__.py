@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "history",
     "rerun",
     "notebook",
+    "users",
+    "keys",
 )
 
 
