@@ -163,18 +163,41 @@ def require(action: str, user: User | None = None) -> User:
 
 
 def may_read(owner: str, user: User | None = None) -> bool:
-    """Whether ``user`` may see something owned by ``owner`` (own things, or a reading role).
-
-    ``owner`` "local" (made on a single-user laptop before login existed) is readable by all.
-    """
+    """Whether ``user`` may see something owned by ``owner`` (own things, or a reading role)."""
     user = user or current_user()
-    return owner in (user.name, "local") or can("runs.read_all", user)
+    return owner == user.name or can("runs.read_all", user)
 
 
 def may_control(owner: str, user: User | None = None) -> bool:
     """Whether ``user`` may cancel, resume or delete something owned by ``owner``."""
     user = user or current_user()
     return owner == user.name or can("runs.control_all", user)
+
+
+_REPRODUCING: contextvars.ContextVar[bool] = contextvars.ContextVar("reproducing", default=False)
+
+
+@contextlib.contextmanager
+def reproducing() -> Iterator[None]:
+    """Inside the block, starting a run is a re-run of a recorded one: the "reproduce"
+    permission suffices (auditors may re-run, not run new work)."""
+    require("reproduce")
+    token = _REPRODUCING.set(True)
+    try:
+        yield
+    finally:
+        _REPRODUCING.reset(token)
+
+
+def in_reproduction() -> bool:
+    """True inside ``reproducing()``."""
+    return _REPRODUCING.get()
+
+
+def require_run() -> User:
+    """The acting user, if allowed to start a model run here (a re-run inside
+    ``reproducing()`` needs only "reproduce")."""
+    return require("reproduce" if _REPRODUCING.get() else "run")
 
 
 # --- limits -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine import runs
+from engine import access, runs
 from engine.catalog import EMBEDDED, resolve
 from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
 from engine.errors import MissingPackageError
@@ -242,7 +242,18 @@ class Workbench:
         )
 
     def load(self, name: str, progress: Progress = _quiet) -> Model:
-        """Load (once) and return a shared model. Embedded models are converted on first use."""
+        """Load (once) and return a shared model. Embedded models are converted on first use.
+
+        Any logged-in user may load an embedded or stored model; a local folder or a hub id
+        needs the "models.manage" permission (admins), checked before the name is looked at
+        (inside ``access.reproducing()``, one an admin has already loaded may be used).
+        """
+        access.current_user()  # nobody logged in (when login is required): AccessError
+        catalog = set(EMBEDDED) | self.store.names()
+        # A re-run may use a folder model an admin has loaded (an auditor re-running a run).
+        rerun_of_loaded = access.in_reproduction() and self.manager.get(name) is not None
+        if name.strip() not in catalog and not rerun_of_loaded:
+            access.require("models.manage")
         return Model(self.manager.load(name, progress), self)
 
     def model(self, loaded: LoadedModel) -> Model:
@@ -316,6 +327,8 @@ class Workbench:
         )
 
     def unload(self, name: str) -> None:
+        """Free a loaded model's memory (admins)."""
+        access.require("models.manage")
         self.manager.unload(name)
 
     def loaded(self) -> list[ModelInfo]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import access
 from engine.errors import EngineError, InputError
 from engine.files import atomic_write, atomic_write_text
 
@@ -339,10 +340,16 @@ class Ledger:
         since: float | None = None,
         until: float | None = None,
         limit: int | None = None,
+        user: str | None = None,
     ) -> list[RunRecord]:
-        """Records oldest first, filtered by operation, model, a text in the input, and time."""
+        """Records oldest first, filtered by operation, model, a text in the input, time and
+        user. Only the acting user's own records, unless their role reads every run
+        (``engine.access``: admins, instructors, auditors)."""
         clauses, params = [], []
-        for column, value in (("operation", kind), ("model", model)):
+        if not access.can("runs.read_all"):
+            clauses.append("user = ?")
+            params.append(access.current_user().name)
+        for column, value in (("operation", kind), ("model", model), ("user", user)):
             if value:
                 clauses.append(f"{column} = ?")
                 params.append(value)
@@ -359,13 +366,17 @@ class Ledger:
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         return [_record(row) for row in self._rows(where, tuple(params), limit)]
 
-    def get(self, run_id: str) -> RunRecord:
+    def get(self, run_id: str, readable_as_owner: str | None = None) -> RunRecord:
+        """The record of ``run_id`` if the acting user may read it (their own, or a reading
+        role; ``readable_as_owner``: also when it belongs to that user, e.g. the owner of a
+        notebook the acting user may read). Another user's run reads as missing."""
         rows = self._rows("WHERE id = ?", (run_id,))
-        if not rows:
+        record = _record(rows[0]) if rows else None
+        if record is None or not (access.may_read(record.user) or record.user == readable_as_owner):
             raise InputError(
                 f"No run {run_id!r} in the ledger: `workbench history list` shows them."
             )
-        return _record(rows[0])
+        return record
 
     def result_file(self, record: RunRecord) -> Path | None:
         """The stored result file of a record (None when it has none)."""

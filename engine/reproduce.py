@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import access
 from engine.errors import EngineError, InputError
 from engine.files import read_json_file
 from engine.ledger import RunRecord
@@ -361,7 +362,14 @@ def _cannot(rec: Recorded, why: str) -> Verdict:
 
 
 def reproduce(workbench, source: str | Path | RunRecord) -> Verdict:
-    """Re-run a recorded run (ledger id, record, or JSON file) and give the verdict."""
+    """Re-run a recorded run (ledger id, record, or JSON file) and give the verdict.
+
+    Needs the "reproduce" permission only (an auditor may re-run what others ran)."""
+    with access.reproducing():
+        return _reproduce(workbench, source)
+
+
+def _reproduce(workbench, source: str | Path | RunRecord) -> Verdict:
     if isinstance(source, RunRecord):
         rec = from_record(workbench.ledger, source)
     elif Path(str(source)).suffix == ".json" or Path(str(source)).is_file():

@@ -34,6 +34,11 @@ from engine import access
 from engine.errors import CancelledError, EngineError, MemoryBudgetError
 
 R = TypeVar("R")
+# Operations that run a model: only roles allowed to "run" may start them (a re-run inside
+# ``access.reproducing()`` needs "reproduce" only).
+MODEL_OPERATIONS = frozenset(
+    {"generate", "compare", "perplexity", "classify", "attention", "explain", "calibrate"}
+)
 State = Literal["running", "waiting", "done", "failed", "cancelled"]
 FINISHED: tuple[State, ...] = ("done", "failed", "cancelled")
 
@@ -283,6 +288,8 @@ class Run(Generic[R]):
     ) -> None:
         self.id = secrets.token_hex(8)
         self.user = access.current_user()
+        if operation in MODEL_OPERATIONS:
+            access.require_run()  # the engine, not only the page, refuses a role that may not
         self.cost = max(float(cost), 1.0)
         self._on_finish = on_finish
         self.record_error: str | None = None

@@ -45,6 +45,7 @@ wb = ui.engine()
 from engine.notebooks import (  # noqa: E402  (after the engine spinner)
     OUTPUTS,
     Ref,
+    cell_readable,
     cell_result,
     start_all,
     start_cell,
@@ -472,9 +473,10 @@ def cell_actions(cell) -> None:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _stored_result(home: str, run_id: str, _cell):
-    """A cell's stored result, read once per run id (a recorded result never changes)."""
-    return cell_result(wb, _cell)
+def _stored_result(home: str, run_id: str, owner: str, _cell):
+    """A cell's stored result, read once per run id (a recorded result never changes).
+    Shared by every session: call only after ``cell_readable`` said this user may see it."""
+    return cell_result(wb, _cell, owner)
 
 
 def collected_view(cell) -> None:
@@ -526,7 +528,8 @@ def cell_result_view(cell) -> None:
     if cell.error and cell.status != "done":
         ui.show_error(cell.error)
     if cell.run_id:
-        result = _stored_result(str(wb.home), cell.run_id, cell)
+        readable = cell_readable(wb, cell, book.owner)
+        result = _stored_result(str(wb.home), cell.run_id, book.owner, cell) if readable else None
         if result is None:
             st.caption("The stored result of this cell's run is missing from the ledger.")
         else:

@@ -24,6 +24,7 @@ from engine.notebooks.book import (
     resolve_spec,
 )
 from engine.notebooks.execute import (
+    cell_readable,
     cell_result,
     cells_from_runs,
     outputs_of,
@@ -47,6 +48,7 @@ __all__ = [
     "NotebookInfo",
     "NotebookStore",
     "Ref",
+    "cell_readable",
     "cell_result",
     "cells_from_runs",
     "example",

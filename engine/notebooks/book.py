@@ -28,6 +28,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from engine import access
 from engine.errors import EngineError, InputError
 from engine.files import atomic_write_json
 
@@ -112,6 +113,8 @@ class Notebook:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     forked_from: str | None = None
+    owner: str = "local"  # who may change it (engine.access); others may read it if shared
+    shared: bool = False  # pushed to the class by an instructor: every user may read it
 
     def cell(self, cell_id: str) -> Cell:
         for cell in self.cells:
@@ -229,6 +232,8 @@ def notebook_from_dict(data: Any, source: str = "the notebook") -> Notebook:
         created=float(data.get("created") or time.time()),
         updated=float(data.get("updated") or time.time()),
         forked_from=data.get("forked_from") if isinstance(data.get("forked_from"), str) else None,
+        owner=data["owner"] if isinstance(data.get("owner"), str) else "local",
+        shared=data.get("shared") is True,
     )
 
 
@@ -246,10 +251,31 @@ class NotebookInfo:
     cells: int
     updated: float
     damaged: str | None = None
+    owner: str = "local"
+    shared: bool = False
+
+
+def may_read(book: Notebook) -> bool:
+    """Whether the acting user may open ``book``: its owner, a reading role, or shared."""
+    return book.shared or access.may_read(book.owner)
+
+
+def check_writable(book: Notebook) -> None:
+    """``AccessError`` unless the acting user may change ``book`` (its owner, or an admin)."""
+    access.require("notebooks.write")
+    if not access.may_control(book.owner):
+        raise access.AccessError(
+            f"Notebook {book.name!r} belongs to {book.owner}: make a copy to change it."
+        )
 
 
 class NotebookStore:
-    """Notebooks under ``home/notebooks``; every change is one locked read-modify-write."""
+    """Notebooks under ``home/notebooks``; every change is one locked read-modify-write.
+
+    Each notebook belongs to the user who made it (``engine.access``): others see it only
+    when their role reads everything or when it is shared with the class; only its owner
+    (or an admin) changes it.
+    """
 
     def __init__(self, home: str | Path) -> None:
         self.root = Path(home) / "notebooks"
@@ -264,6 +290,13 @@ class NotebookStore:
         return FileLock(str(self.root / f".{notebook_id}.lock"), timeout=30)
 
     def get(self, notebook_id: str) -> Notebook:
+        """The notebook, if the acting user may read it (another's reads as missing)."""
+        book = self._read(notebook_id)
+        if not may_read(book):
+            raise InputError(f"No notebook {notebook_id!r}.")
+        return book
+
+    def _read(self, notebook_id: str) -> Notebook:
         path = self.path(notebook_id)
         try:
             text = path.read_text(encoding="utf-8")
@@ -281,14 +314,28 @@ class NotebookStore:
         return notebook_from_dict(data, f"Notebook file {path.name}")
 
     def list(self) -> list[NotebookInfo]:
-        """Every notebook, most recently changed first; damaged files are listed, not hidden."""
+        """The notebooks the acting user may read, most recently changed first; damaged files
+        are listed (to roles that read everything), not hidden."""
         infos = []
         for path in self.root.glob("*.json"):
             try:
-                book = self.get(path.stem)
-                infos.append(NotebookInfo(book.id, book.name, len(book.cells), book.updated))
+                book = self._read(path.stem)
             except EngineError as exc:
-                infos.append(NotebookInfo(path.stem, path.stem, 0, path.stat().st_mtime, str(exc)))
+                if access.can("runs.read_all"):
+                    info = NotebookInfo(path.stem, path.stem, 0, path.stat().st_mtime, str(exc))
+                    infos.append(info)
+                continue
+            if may_read(book):
+                infos.append(
+                    NotebookInfo(
+                        book.id,
+                        book.name,
+                        len(book.cells),
+                        book.updated,
+                        owner=book.owner,
+                        shared=book.shared,
+                    )
+                )
         return sorted(infos, key=lambda i: -i.updated)
 
     def find(self, name_or_id: str) -> Notebook:
@@ -308,14 +355,25 @@ class NotebookStore:
         return book
 
     def create(self, name: str, cells: tuple[Cell, ...] = ()) -> Notebook:
+        """A new notebook owned by the acting user."""
+        access.require("notebooks.write")
         name = _text(name, "The notebook's name").strip()
         if not name:
             raise InputError("Give the notebook a name.")
-        return self.save(Notebook(id=new_id(), name=name[:200], cells=cells))
+        owner = access.current_user().name
+        return self.save(Notebook(id=new_id(), name=name[:200], cells=cells, owner=owner))
 
     def delete(self, notebook_id: str) -> None:
         with self._lock(notebook_id):
+            if self.path(notebook_id).exists():
+                check_writable(self.get(notebook_id))
             self.path(notebook_id).unlink(missing_ok=True)
+
+    def share(self, notebook_id: str, shared: bool = True) -> Notebook:
+        """Push a notebook to the class (every user may open it read-only and copy it), or
+        take it back. Instructors and admins, on their own notebooks."""
+        access.require("notebooks.push")
+        return self.update(notebook_id, lambda b: replace(b, shared=bool(shared)))
 
     def import_dict(self, data: Any, source: str = "the file") -> Notebook:
         """A notebook from an exported bundle, under a new id (never overwrites another).
@@ -329,19 +387,25 @@ class NotebookStore:
         runs = data.get("runs") or {}
         if not isinstance(runs, dict):
             raise NotebookError(f"{source}: runs must be an object.")
+        access.require("notebooks.write")
+        owner = access.current_user().name
         for entry in runs.values():
-            self._import_run(entry, source)
-        return self.save(replace(book, id=new_id()))
+            self._import_run(entry, source, owner)
+        return self.save(replace(book, id=new_id(), owner=owner, shared=False))
 
-    def _import_run(self, entry: Any, source: str) -> None:
+    def _imported(self, owner: str) -> Path:
+        """Where results that came with ``owner``'s imported bundles are kept."""
+        return self.root / "imported" if owner == "local" else self.root / "imported" / owner
+
+    def _import_run(self, entry: Any, source: str, owner: str) -> None:
         import base64
 
         record = entry.get("record") if isinstance(entry, dict) else None
         run_id = record.get("id") if isinstance(record, dict) else None
         if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{16}", run_id):
             raise NotebookError(f"{source} holds a run with a bad id.")
-        folder = self.root / "imported"
-        folder.mkdir(exist_ok=True)
+        folder = self._imported(owner)
+        folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / f"{run_id}.record.json", record, f"imported run {run_id}")
         if isinstance(entry.get("result"), dict):
             atomic_write_json(folder / f"{run_id}.json", entry["result"], f"imported run {run_id}")
@@ -351,12 +415,12 @@ class NotebookStore:
             raw = base64.b64decode(entry["result_npz"], validate=True)
             atomic_write_bytes(folder / f"{run_id}.npz", raw, f"imported run {run_id}")
 
-    def imported_result(self, run_id: str) -> Path | None:
-        """The file of a run that came with an imported bundle (None when there is none)."""
+    def imported_result(self, run_id: str, owner: str = "local") -> Path | None:
+        """The file of a run that came with a bundle ``owner`` imported (None when none)."""
         if not re.fullmatch(r"[0-9a-f]{16}", run_id or ""):
             return None
         for suffix in (".json", ".npz"):
-            path = self.root / "imported" / f"{run_id}{suffix}"
+            path = self._imported(owner) / f"{run_id}{suffix}"
             if path.is_file():
                 return path
         return None
@@ -366,7 +430,9 @@ class NotebookStore:
     def update(self, notebook_id: str, change) -> Notebook:
         """Apply ``change(notebook) -> notebook`` atomically with respect to other writers."""
         with self._lock(notebook_id):
-            return self.save(change(self.get(notebook_id)))
+            book = self.get(notebook_id)
+            check_writable(book)
+            return self.save(change(book))
 
     def rename(self, notebook_id: str, name: str) -> Notebook:
         name = _text(name, "The notebook's name").strip()
@@ -376,10 +442,17 @@ class NotebookStore:
 
     def duplicate(self, notebook_id: str, name: str | None = None) -> Notebook:
         """An editable copy (also what "fork" of a shared snapshot does)."""
+        access.require("notebooks.write")
         book = self.get(notebook_id)
-        return self.save(
-            replace(book, id=new_id(), name=name or f"{book.name} (copy)", forked_from=book.id)
+        copy = replace(
+            book,
+            id=new_id(),
+            name=name or f"{book.name} (copy)",
+            forked_from=book.id,
+            owner=access.current_user().name,
+            shared=False,
         )
+        return self.save(copy)
 
     def add_cell(
         self,

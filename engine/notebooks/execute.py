@@ -174,21 +174,35 @@ def cells_from_runs(workbench, notebook_id: str, run_ids: list[str]) -> Notebook
     return store.get(notebook_id)
 
 
-def cell_result(workbench, cell: Cell) -> Any:
+def cell_result(workbench, cell: Cell, owner: str | None = None) -> Any:
     """The typed result of a cell's last run, from the ledger (or an imported bundle);
-    None when it never ran. Nothing is recomputed."""
+    None when it never ran. Nothing is recomputed. ``owner``: the owner of the notebook
+    (as opened by the acting user), whose runs a reader of the notebook may see (only theirs:
+    a cell cannot reveal a third user's run)."""
     if not cell.run_id:
         return None
     ledger = workbench.ledger
     try:
-        return ledger.load_result(ledger.get(cell.run_id))
+        return ledger.load_result(ledger.get(cell.run_id, readable_as_owner=owner))
     except InputError:
-        path = workbench.notebooks.imported_result(cell.run_id)
+        path = workbench.notebooks.imported_result(cell.run_id, owner or "local")
     if path is None:
         return None
     from engine.result_types import load_result_file
 
     return load_result_file(path)
+
+
+def cell_readable(workbench, cell: Cell, owner: str) -> bool:
+    """Whether the acting user may see the result of ``cell`` in ``owner``'s notebook (the
+    check ``cell_result`` makes, without loading the result)."""
+    if not cell.run_id:
+        return False
+    try:
+        workbench.ledger.get(cell.run_id, readable_as_owner=owner)
+        return True
+    except InputError:
+        return workbench.notebooks.imported_result(cell.run_id, owner) is not None
 
 
 def outputs_of(cell: Cell, result: Any) -> dict:

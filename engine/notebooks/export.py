@@ -135,7 +135,7 @@ def _records(book: Notebook, ledger: Ledger) -> dict[str, RunRecord]:
     for cell in book.cells:
         if cell.run_id:
             try:
-                found[cell.id] = ledger.get(cell.run_id)
+                found[cell.id] = ledger.get(cell.run_id, readable_as_owner=book.owner)
             except EngineError:
                 continue
     return found

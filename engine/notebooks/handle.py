@@ -52,7 +52,8 @@ class NotebookHandle:
 
     def result(self, cell_id: str) -> Any:
         """The stored result of a cell's last run (None if it never ran)."""
-        return cell_result(self._wb, self.data.cell(cell_id))
+        book = self.data
+        return cell_result(self._wb, book.cell(cell_id), book.owner)
 
     def reproduce(self, timeout: float | None = None) -> dict:
         """Re-run every recorded cell: ``{cell id: Verdict}``."""
