@@ -103,12 +103,17 @@ def _pick_notebook() -> str | None:
     infos = [i for i in store.list() if not i.damaged]
     for bad in (i for i in store.list() if i.damaged):
         st.warning(f"Notebook file {bad.id}.json cannot be opened: {bad.damaged}", icon="⚠️")
-    with st.sidebar.expander("Notebooks", expanded=not infos):
-        name = st.text_input("New notebook", key="nb_new_name", placeholder="Name")
-        if st.button("Create", key="nb_create") and name.strip():
-            with ui.guard():
-                activate(store.create(name).id)
-            st.rerun()
+    writer = ui.can("notebooks.write")
+    if writer:
+        with st.sidebar.expander("Notebooks", expanded=not infos):
+            name = st.text_input("New notebook", key="nb_new_name", placeholder="Name")
+            if st.button("Create", key="nb_create") and name.strip():
+                with ui.guard():
+                    activate(store.create(name).id)
+                st.rerun()
+    if not infos and not writer:
+        st.info("No notebook has been shared with you yet.", icon="📓")
+        return None
     if not infos:
         st.info(
             "No notebook yet. Start from an example (a generation, the attention on it and an "
@@ -125,10 +130,17 @@ def _pick_notebook() -> str | None:
         st.caption("Ready lessons for a class: each opens as your own copy, to run and edit.")
         _lessons()
         return None
-    with st.sidebar.expander("Lessons"):
-        _lessons(narrow=True)
+    if writer:
+        with st.sidebar.expander("Lessons"):
+            _lessons(narrow=True)
     ids = [i.id for i in infos]
-    labels = {i.id: f"{i.name} · {i.cells} cells" for i in infos}
+    me = ui.user_name()
+    labels = {
+        i.id: f"{i.name} · {i.cells} cells"
+        + ("" if i.owner == me else f" · by {i.owner}")
+        + (" · shared with the class" if i.shared else "")
+        for i in infos
+    }
     current = st.session_state.get(ACTIVE)
     index = ids.index(current) if current in ids else 0
     chosen = st.selectbox("Notebook", ids, index=index, format_func=labels.get, key="nb_pick")
@@ -152,6 +164,14 @@ else:
         st.stop()
     with ui.guard():
         book = store.get(notebook_id)
+    if not ui.may_change(book.owner):  # a pushed lesson, or a student's work seen by a teacher
+        readonly = True
+        shared_by = " (shared with the class)" if book.shared else ""
+        st.info(f"{book.name!r} belongs to {book.owner}{shared_by}: read-only here.", icon="🔒")
+        if ui.can("notebooks.write") and st.button("Make my own copy", key="nb_copy_own"):
+            with ui.guard():
+                activate(store.duplicate(book.id).id)
+            st.rerun()
 
 # --- notebook actions -----------------------------------------------------------------------
 run = st.session_state.get(RUN)
@@ -185,6 +205,17 @@ if not readonly and not present:
                 activate(store.duplicate(book.id).id)
             st.rerun()
         c2.caption(f"Share (read-only): `?notebook={book.id}`")
+        if ui.can("notebooks.push"):
+            pushed = c2.toggle(
+                "Shared with the class",
+                value=book.shared,
+                key=f"nb_push::{book.id}",
+                help="Every user sees it read-only and can make their own copy.",
+            )
+            if pushed != book.shared:
+                with ui.guard():
+                    store.share(book.id, pushed)
+                st.rerun()
         if c3.button("Delete this notebook", key="nb_delete", type="secondary"):
             store.delete(book.id)
             st.session_state.pop(ACTIVE, None)

@@ -47,6 +47,35 @@ def guard() -> Iterator[None]:
         st.stop()
 
 
+def can(action: str) -> bool:
+    """Whether the logged-in user's role allows ``action`` (``engine.access.PERMISSIONS``):
+    pages hide what it does not (the engine refuses it anyway)."""
+    from engine import access
+
+    return access.can(action)
+
+
+def user_name() -> str:
+    """The logged-in user's name ("local" without login)."""
+    from engine import access
+
+    return access.current_user().name
+
+
+def may_change(owner: str) -> bool:
+    """Whether the user may change something ``owner`` made (own work, or an admin)."""
+    from engine import access
+
+    return can("notebooks.write") and access.may_control(owner)
+
+
+def page_needs(action: str, why: str) -> None:
+    """Stop the page with an explanation when the user's role may not ``action``."""
+    if not can(action):
+        st.info(why, icon="🔒")
+        st.stop()
+
+
 def show_error(message: str) -> None:
     """A one-line error on the page without stopping it (e.g. a worker thread's failure)."""
     st.error(message, icon="⚠️")
@@ -165,9 +194,10 @@ def model_picker() -> None:
         key=MODEL_KEY,
         help="Embedded models and models saved in the store. Add a folder or hub id below.",
     )
-    with st.sidebar.expander("Other model"), st.form("other_model_form", border=False):
-        st.text_input("Local folder or hub id", key="other_model", placeholder="org/name")
-        st.form_submit_button("Use this model", on_click=_use_other_model)
+    if can("models.manage"):  # a folder or hub id: admins only (it reaches the file system)
+        with st.sidebar.expander("Other model"), st.form("other_model_form", border=False):
+            st.text_input("Local folder or hub id", key="other_model", placeholder="org/name")
+            st.form_submit_button("Use this model", on_click=_use_other_model)
     place = wb.placement
     st.sidebar.caption(f"Device: **{place.device}** · dtype: **{place.dtype_name}**")
 
