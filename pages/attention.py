@@ -26,6 +26,7 @@ DEFAULT_PAIR = "The cat sat on the mat because it was hungry."
 POLL_S = 0.75  # how often the progress fragment redraws while a run goes (never otherwise)
 
 st.title("Attention")
+ui.page_needs("run")
 st.caption(
     "Where each head of each layer looks. Works on causal LMs (SmolLM2) and encoders (MiniLM); "
     "the model switches to eager attention for the run, since SDPA returns no weights."

@@ -105,6 +105,7 @@ def option_controls(name: str, method) -> dict:
 
 
 st.title("Explain")
+ui.page_needs("run")
 st.caption(
     "Attribute a classifier's label or a language model's continuation to the input tokens, "
     "check how faithful the explanation is, and compare methods."

@@ -21,6 +21,7 @@ PPL_RUN, PPL_RESULT, PPL_ERROR = "eval_ppl_run", "eval_ppl_result", "eval_ppl_er
 IDLE_S = 30.0  # a run nobody polls for this long (closed tab) stops itself
 
 st.title("Generate")
+ui.page_needs("run")
 wb = ui.engine()
 
 from engine.generation import (  # noqa: E402

@@ -69,7 +69,13 @@ def may_change(owner: str) -> bool:
     return can("notebooks.write") and access.may_control(owner)
 
 
-def page_needs(action: str, why: str) -> None:
+RUN_REFUSED = (
+    "Your role reads and re-runs recorded work (History, Notebook); running models is for "
+    "students, instructors and admins."
+)
+
+
+def page_needs(action: str, why: str = RUN_REFUSED) -> None:
     """Stop the page with an explanation when the user's role may not ``action``."""
     if not can(action):
         st.info(why, icon="🔒")
