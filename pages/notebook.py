@@ -56,14 +56,11 @@ store = wb.notebooks
 
 def student_form(target: str) -> None:
     """What a student sees from a collect link: the prompt, a sentence, a label, Send."""
-    from engine.errors import InputError
     from engine.notebooks.collect import Collection, labels_of
 
     notebook_id, _, cell_id = target.partition(":")
     with ui.guard():
-        cell = store.get(notebook_id).cell(cell_id)
-        if cell.kind != "collect":
-            raise InputError("This link is not a data collection.")
+        cell = store.collect_cell(notebook_id, cell_id)
         labels = labels_of(cell.spec)
     st.subheader(cell.spec.get("prompt") or "Write a sentence and pick its label")
     with st.form("collect_form", clear_on_submit=True):

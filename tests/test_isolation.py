@@ -169,3 +169,16 @@ def test_a_run_acts_as_its_starter_on_its_worker_thread(wb):
     run.wait(10)
     assert seen["user"] == BEN and run.user == BEN
     assert access.acting_user_or_none() is None  # nothing leaked into this thread
+
+
+def test_a_collect_link_opens_only_its_cell_for_a_student(wb):
+    with acting_as(TEA):
+        book = wb.notebooks.create("Class data")
+        note = wb.notebooks.add_cell(book.id, "markdown", {"text": "teacher's private note"})
+        collect = wb.notebooks.add_cell(book.id, "collect", {"labels": ["pos", "neg"]})
+    with acting_as(BEN):
+        assert wb.notebooks.collect_cell(book.id, collect.id).spec["labels"] == ["pos", "neg"]
+        with pytest.raises(InputError, match="not a data collection"):
+            wb.notebooks.collect_cell(book.id, note.id)
+        with pytest.raises(InputError, match="No notebook"):
+            wb.notebooks.get(book.id)

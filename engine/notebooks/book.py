@@ -296,6 +296,15 @@ class NotebookStore:
             raise InputError(f"No notebook {notebook_id!r}.")
         return book
 
+    def collect_cell(self, notebook_id: str, cell_id: str) -> Cell:
+        """The collect cell a student's link points at: readable by anyone logged in who has
+        the link (only this cell, never the rest of the notebook)."""
+        access.current_user()
+        cell = self._read(notebook_id).cell(cell_id)
+        if cell.kind != "collect":
+            raise InputError("This link is not a data collection.")
+        return cell
+
     def _read(self, notebook_id: str) -> Notebook:
         path = self.path(notebook_id)
         try:
