@@ -70,8 +70,10 @@ def _plain(value):
         return None
 
 
-def _path(home: Path, token: str) -> Path:
-    return home / "sessions" / f"{token}.json"
+def _path(home: Path, token: str, user: str) -> Path:
+    """Each user's saved sessions apart: a URL with another user's token restores nothing."""
+    folder = home / "sessions" if user == "local" else home / "sessions" / user
+    return folder / f"{token}.json"
 
 
 def _token() -> str:
@@ -83,9 +85,18 @@ def _token() -> str:
 
 
 def keep(home: Path) -> None:
-    """Keep widget values across page changes; save / restore them (and results) by URL."""
+    """Keep widget values across page changes; save / restore them (and results) by URL.
+
+    Call it for a logged-in user (inside ``engine.access.acting_as``): before login, nothing
+    is kept."""
+    from engine import access
+
+    try:
+        user = access.current_user().name
+    except access.AccessError:
+        return
     token = _token()
-    path = _path(home, token)
+    path = _path(home, token, user)
     if not st.session_state.get(RESTORED):
         st.session_state[RESTORED] = True
         _restore(home, path)
