@@ -12,8 +12,9 @@ from pathlib import Path
 
 import streamlit as st
 
+from engine import access
 from engine.store import workbench_home
-from workbench import persist, ui
+from workbench import login, persist, ui
 
 PAGES_DIR = Path(__file__).resolve().parents[1] / "pages"
 
@@ -33,6 +34,20 @@ PAGES = [
     st.Page(str(PAGES_DIR / file), title=title, icon=icon, url_path=url, default=i == 0)
     for i, (file, title, icon, url) in enumerate(PAGE_TABLE)
 ]
+# URL path -> the action a role needs to see that page (other pages: every role; they hide
+# their own buttons, and the engine refuses what a role may not do).
+PAGE_NEEDS = {"finetune": "finetune"}
+
+
+def visible_pages(user: access.User | None) -> list:
+    """The pages ``user``'s role may use (``None``: the local user, every page)."""
+    user = user or access.LOCAL
+    return [
+        page
+        for page in PAGES
+        if page.url_path not in PAGE_NEEDS or access.can(PAGE_NEEDS[page.url_path], user)
+    ]
+
 
 # Streamlit's per-rerun gc.collect(2) is off (.streamlit/config.toml, `workbench serve`): with
 # torch loaded a full collection holds the GIL for ~200 ms, which starved decoding when polling
@@ -60,14 +75,19 @@ def collect_garbage_now_and_then(every_s: float = FULL_COLLECTION_EVERY_S) -> bo
 
 
 collect_garbage_now_and_then()
-persist.keep(workbench_home())  # before any widget: settings survive page changes and reloads
+login.install_fragment_identity()  # fragment reruns act as the session's user too
+# Login required (a served class): nobody gets past here without a login. Else None (LOCAL).
+user = login.gate()
 if os.environ.get("WORKBENCH_NO_AUTH") == "1":
     st.warning(
         "Open access: this workbench was started with --no-auth, so everyone who can reach "
         "it shares every model, notebook and run.",
         icon="🔓",
     )
-navigation = st.navigation(PAGES)
-st.sidebar.markdown("### :material/science: LLMOS Workbench")
-ui.model_picker()
-navigation.run()
+with access.acting_as(user):
+    persist.keep(workbench_home())  # before any widget: settings survive page changes, reloads
+    navigation = st.navigation(visible_pages(user))
+    st.sidebar.markdown("### :material/science: LLMOS Workbench")
+    login.sidebar(user)
+    ui.model_picker()
+    navigation.run()
