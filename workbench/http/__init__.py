@@ -7,7 +7,7 @@
 embeddings, attention, explain, perplexity, classify, runs, notebooks, fine-tune jobs, and
 ``/v1/openapi.json``); ``api_app(get_workbench)`` the same routes as a bare Starlette app (tests).
 Modules: ``common`` (auth, bodies, waiting on runs), ``errors`` (JSON errors), ``generation``,
-``embeddings``, ``workbench_routes``, ``finetune_routes``, ``routes`` (the table and OpenAPI),
+``embeddings``, ``workbench_routes``, ``finetune_routes``, ``table`` (the route table and OpenAPI),
 ``deltas`` (settled streamed text), ``asgi`` (the served app).
 """
 
@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 
 def routes(get_workbench: Callable[[], Workbench]) -> list[Route]:
-    """Every ``/v1`` route on ``get_workbench()`` (see ``workbench.http.routes``)."""
-    from workbench.http.routes import routes as build
+    """Every ``/v1`` route on ``get_workbench()`` (see ``workbench.http.table``)."""
+    from workbench.http.table import routes as build
 
     return build(get_workbench)
 

@@ -49,6 +49,18 @@ def start_embedding(model, texts: list[str]) -> runs.Run:
         return runs.start("embed", lambda _ctx: embed(loaded, texts), spec=spec, cost=len(texts))
 
 
+def _encode(vector: list[float], form: str) -> list[float] | str:
+    """A vector as floats, or as base64 of its little-endian float32 bytes (what the openai
+    package asks for by default)."""
+    if form == "float":
+        return vector
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
 async def embeddings(call: Call):
     """POST /v1/embeddings: ``input`` (a string or a list of strings), ``model``."""
     body = await call.body()
@@ -65,8 +77,9 @@ async def embeddings(call: Call):
             f"'input' must be a non-empty string or a list of 1 to {MAX_INPUTS} non-empty strings.",
             "invalid_input",
         )
-    if get_str(body, "encoding_format", "float") != "float":
-        raise bad_request("Only encoding_format 'float' is supported.")
+    form = get_str(body, "encoding_format", "float")
+    if form not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'.")
     model = await call.model(body.get("model") or DEFAULT_ENCODER)
     run = await call.blocking(start_embedding, model, texts)
     out = await call.finish(run)
@@ -75,7 +88,7 @@ async def embeddings(call: Call):
         {
             "object": "list",
             "data": [
-                {"object": "embedding", "index": i, "embedding": v}
+                {"object": "embedding", "index": i, "embedding": _encode(v, form)}
                 for i, v in enumerate(out["vectors"])
             ],
             "model": model.name,
