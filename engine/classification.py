@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import runs
+from engine.access import check_limit
 from engine.errors import InputError
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
@@ -33,6 +35,35 @@ def labels_of(loaded: LoadedModel) -> list[str]:
     config = loaded.model.config
     id2label = getattr(config, "id2label", None) or {}
     return [str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
+
+
+def start_classification(
+    loaded: LoadedModel, text: str, max_length: int = 512
+) -> runs.Run[ClassificationResult]:
+    """``classify`` as a run (result: ``ClassificationResult``); returns at once.
+
+    In the caller's thread: the tokens that will run (the text, truncated to ``max_length``)
+    against the acting user's ``max_input_tokens`` and their requests per minute
+    (``LimitError``). Bad input fails the run with its one-line message. ``cost``: tokens.
+    """
+    spec = {
+        "model": loaded.name,
+        "fingerprint": loaded.fingerprint,
+        "text": text,
+        "max_length": max_length,
+    }
+    n = None
+    if isinstance(text, str) and text.strip() and isinstance(max_length, int) and max_length > 0:
+        try:
+            n = len(loaded.encode(text, truncation=True, max_length=max_length)["input_ids"])
+        except Exception:  # the run meets it again and reports it
+            n = None
+    limits = runs.enforced_limits()
+    if limits is not None and n is not None:
+        check_limit(n, limits.max_input_tokens, "The text", "tokens")
+    return runs.start(
+        "classify", lambda _ctx: classify(loaded, text, max_length), spec=spec, cost=n or 1
+    )
 
 
 def classify(loaded: LoadedModel, text: str, max_length: int = 512) -> ClassificationResult:

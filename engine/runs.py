@@ -15,16 +15,30 @@ A run nobody polls for ``idle_timeout_s`` cancels itself (a closed browser tab m
 a model busy). A run whose result is large reserves its estimated size in the process's
 ``ResultBudget`` before it starts; the reservation is released when nobody holds the run any
 more (or when it ends without a result).
+
+Limits: starting a run counts against the acting user's ``requests_per_minute`` (a sliding
+60 s window per user name; ``LimitError`` with ``retry_after_s`` in the caller's thread, so a
+refused request never hangs). Runs started by another run's work are part of that request and
+do not count, and the implicit local user (a laptop, the CLI, Python without a login) is not
+limited (``enforced_limits``). A run that runs out of memory (CUDA, or the CPU allocator) ends
+failed with one line saying what ran out and what to do; its tensors are dropped and the
+allocator's cache emptied, so the next run on the same model works.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import gc
+import math
 import os
 import queue
+import re
 import secrets
+import sys
 import threading
 import time
+import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,6 +125,157 @@ def result_budget() -> ResultBudget:
         if _BUDGET is None:
             _BUDGET = ResultBudget()
         return _BUDGET
+
+
+# --- limits: who may start what -----------------------------------------------------------
+
+
+def enforced_limits(user: access.User | None = None) -> access.Limits | None:
+    """The acting user's limits, or None for the implicit local user (``access.LOCAL``: a
+    laptop, the CLI or Python without a login), who is not limited: nothing changes for a
+    single user. Every entry point checks its sizes against what this returns."""
+    user = user or access.current_user()
+    if user == access.LOCAL:
+        return None
+    return access.limits_for(user)
+
+
+class RequestRate:
+    """Runs started per user name in a sliding window (thread-safe).
+
+    ``admit(user, limit)`` counts one request or raises ``LimitError``; a ``limit`` of 0
+    means the role may start no runs at all. ``clock``: seconds, monotonic (tests inject one).
+    """
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._started: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, user: access.User, limit: int) -> float:
+        """Count a request by ``user`` (returns its time stamp, for ``forget``), or raise
+        ``LimitError`` when ``limit`` requests already started in the window."""
+        if limit <= 0:
+            raise access.LimitError(
+                f"{_a(user.role).capitalize()} may not start runs here (requests_per_minute is 0 in "
+                "limits.toml): ask an admin."
+            )
+        now = self._clock()
+        with self._lock:
+            started = self._started.setdefault(user.name, collections.deque())
+            while started and started[0] <= now - self.window_s:
+                started.popleft()
+            if len(started) >= limit:
+                # the request whose expiry brings the count under the limit
+                expires = started[len(started) - limit] + self.window_s
+                retry = max(expires - now, 0.001)
+                raise access.LimitError(
+                    f"You started {len(started)} runs in the last minute ({_a(user.role)} may "
+                    f"start {limit}): try again in {math.ceil(retry)} s.",
+                    retry_after_s=retry,
+                )
+            started.append(now)
+            return now
+
+    def forget(self, user: access.User, stamp: float) -> None:
+        """Un-count a request that did not start after all (e.g. its result did not fit)."""
+        with self._lock:
+            started = self._started.get(user.name)
+            if started and stamp in started:
+                started.remove(stamp)
+
+    def count(self, user: access.User) -> int:
+        """Requests ``user`` started in the current window."""
+        now = self._clock()
+        with self._lock:
+            return sum(1 for t in self._started.get(user.name, ()) if t > now - self.window_s)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._started.clear()
+
+
+REQUEST_RATE = RequestRate()
+
+
+def _a(role: str) -> str:
+    return f"{'an' if role[:1] in 'aeiou' else 'a'} {role}"
+
+
+# --- out of memory ------------------------------------------------------------------------
+
+_OOM_TEXT = re.compile(
+    r"out of memory|can't allocate memory|cannot allocate memory|ALLOC_FAILED", re.IGNORECASE
+)
+_ASKED = (
+    (re.compile(r"Tried to allocate ([\d.]+ ?[KMGT]i?B)"), None),  # CUDA
+    (re.compile(r"you tried to allocate (\d+) bytes"), 1),  # torch's CPU allocator
+    (re.compile(r"Unable to allocate ([\d.]+ ?[KMGT]i?B)"), None),  # numpy
+)
+_FREE = re.compile(r"of which ([\d.]+ ?[KMGT]i?B) (?:is )?free")
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is an allocation failure: torch's
+    ``OutOfMemoryError`` (CUDA, MPS), a ``MemoryError``, or the CPU allocator's RuntimeError."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, MemoryError):
+            return True
+        torch = sys.modules.get("torch")
+        oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+        if oom_type is not None and isinstance(exc, oom_type):
+            return True
+        if isinstance(exc, RuntimeError) and _OOM_TEXT.search(str(exc)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def out_of_memory_error(exc: BaseException, operation: str = "run") -> MemoryBudgetError:
+    """The one-line error for an allocation failure: what ran out, how much was asked (when
+    the allocator said), and what to do."""
+    text = str(exc)
+    torch = sys.modules.get("torch")
+    cuda_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    on_gpu = (cuda_type is not None and isinstance(exc, cuda_type)) or "CUDA" in text
+    where = "GPU" if on_gpu else ("Apple GPU" if "MPS" in text else "CPU")
+    details = []
+    for pattern, as_bytes in _ASKED:
+        match = pattern.search(text)
+        if match:
+            asked = _gib(int(match.group(1))) if as_bytes else match.group(1)
+            details.append(f"it asked for {asked} more")
+            break
+    free = _FREE.search(text)
+    if free:
+        details.append(f"{free.group(1)} was free")
+    detail = f" ({', '.join(details)})" if details else ""
+    return MemoryBudgetError(
+        f"{operation.capitalize()} ran out of {where} memory{detail}; the memory was freed: "
+        "try a shorter input, a smaller batch size, fewer steps or samples, or a smaller model."
+    )
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Clear the locals of the frames an error (and the errors it was raised from) holds."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def free_memory() -> None:
+    """Collect garbage and return cached allocator blocks to the device (after an OOM).
+
+    Never imports torch: with torch not imported there are no tensors to free."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 # --- worker threads -----------------------------------------------------------------------
@@ -291,6 +456,7 @@ class Run(Generic[R]):
         if operation in MODEL_OPERATIONS:
             access.require_run()  # the engine, not only the page, refuses a role that may not
         self.cost = max(float(cost), 1.0)
+        stamp = self._admit()  # LimitError here, past the user's requests per minute
         self._on_finish = on_finish
         self.record_error: str | None = None
         self.operation = operation
@@ -299,7 +465,7 @@ class Run(Generic[R]):
         self.started = time.time()
         self._t0 = time.perf_counter()
         self._t1: float | None = None
-        self._work = work
+        self._work: Callable[[RunContext], R] | None = work
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._state: State = "running"
@@ -315,13 +481,30 @@ class Run(Generic[R]):
         self._ticket: int | None = None
         if reserve_bytes > 0:
             budget = budget or result_budget()
-            self._ticket = budget.reserve(reserve_bytes, f"This {operation} result")
+            try:
+                self._ticket = budget.reserve(reserve_bytes, f"This {operation} result")
+            except BaseException:
+                if stamp is not None:  # refused before it started: it does not count
+                    REQUEST_RATE.forget(self.user, stamp)
+                raise
             # Released when nobody holds the run any more (a closed session, a replaced result).
             self._release = weakref.finalize(self, budget.release, self._ticket)
         _WORKERS.submit(self._main)
 
+    def _admit(self) -> float | None:
+        """Count this run against its user's requests per minute (``LimitError`` here, in the
+        caller's thread). Runs started by a running run's work, and the local user's, are
+        not counted. Returns the time stamp counted, or None."""
+        if current() is not None:
+            return None
+        limits = enforced_limits(self.user)
+        if limits is None:
+            return None
+        return REQUEST_RATE.admit(self.user, limits.requests_per_minute)
+
     def _main(self) -> None:
         _CURRENT.context = self.context
+        out_of_memory = False
         try:
             with access.acting_as(self.user):
                 result = self._work(self.context)
@@ -329,9 +512,19 @@ class Run(Generic[R]):
         except CancelledError as exc:
             result, state, self._error = None, "cancelled", exc
         except BaseException as exc:  # noqa: BLE001 - a run always ends and reports
-            result, state, self._error = None, "failed", exc
+            result, state = None, "failed"
+            if is_out_of_memory(exc) and not isinstance(exc, MemoryBudgetError):
+                # Keep only the message: the traceback's frames hold the work's tensors.
+                self._error = out_of_memory_error(exc, self.operation)
+                _drop_tracebacks(exc)
+                out_of_memory = True
+            else:
+                self._error = exc
         finally:
             _CURRENT.context = None
+            self._work = None  # the work's closure (its inputs) is not needed any more
+        if out_of_memory:
+            free_memory()
         if state == "done" and self.context.cancel_event.is_set() and result is None:
             state = "cancelled"
         with self._lock:

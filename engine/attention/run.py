@@ -6,7 +6,8 @@
 
 Before the run starts, every input is checked and tokenized (``prepare_input``: context length,
 ``max_tokens``, truncation) and the results' size is reserved in the result budget
-(``MemoryBudgetError`` saying how many tokens would fit when it does not). The reservation is
+(``MemoryBudgetError`` saying how many tokens would fit when it does not), and each input is
+held to the acting user's ``max_input_tokens`` (``LimitError``). The reservation is
 released when nobody holds the run any more, so a caller keeps the run, not copies of its result.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import runs
+from engine.access import check_limit
 from engine.attention.extract import (
     AttentionResult,
     AttentionSettings,
@@ -174,8 +176,10 @@ def start_attention(
     """Start the forward passes of ``jobs`` ((label, loaded model, text) each) as one run.
 
     Raises, before anything runs: ``InputError`` for a bad input (empty, too long for the model
-    or ``max_tokens`` without ``truncate``, an encoder-decoder model) and ``MemoryBudgetError``
-    when the results would not fit in the result budget (``budget``: the process's by default).
+    or ``max_tokens`` without ``truncate``, an encoder-decoder model), ``LimitError`` for an
+    input over the acting user's ``max_input_tokens`` (or past their requests per minute) and
+    ``MemoryBudgetError`` when the results would not fit in the result budget (``budget``: the
+    process's by default). The run's ``cost`` is the tokens of all inputs.
     """
     settings = (settings or AttentionSettings()).validated()
     if not jobs:
@@ -183,6 +187,12 @@ def start_attention(
     prepared = [
         (label, loaded, prepare_input(loaded, text, settings)) for label, loaded, text in jobs
     ]
+    limits = runs.enforced_limits()
+    if limits is not None:
+        for label, _, inputs in prepared:
+            what = f"The input {label!r}" if len(prepared) > 1 else "The input"
+            check_limit(inputs.n_tokens, limits.max_input_tokens, what, "tokens")
+    cost = sum(inputs.n_tokens for _, _, inputs in prepared)
     reserve = check_fits([(loaded, p.n_tokens) for _, loaded, p in prepared], budget)
     request = AttentionRequest(
         tuple((label, loaded.name, text) for label, loaded, text in jobs), settings
@@ -203,7 +213,12 @@ def start_attention(
 
     if budget is None:
         return runs.start(
-            "attention", work, spec=request, idle_timeout_s=idle_timeout_s, reserve_bytes=reserve
+            "attention",
+            work,
+            spec=request,
+            idle_timeout_s=idle_timeout_s,
+            reserve_bytes=reserve,
+            cost=cost,
         )
     return runs.Run(
         "attention",
@@ -212,4 +227,5 @@ def start_attention(
         idle_timeout_s=idle_timeout_s,
         reserve_bytes=reserve,
         budget=budget,
+        cost=cost,
     )

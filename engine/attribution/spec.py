@@ -10,6 +10,7 @@ spec = ExplanationSpec(
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,23 @@ class MethodRun:
 
     def options_dict(self) -> dict[str, Any]:
         return dict(self.options)
+
+
+# The option that says how much sampling a method does: its "steps" in the role limits.
+STEP_OPTIONS = ("steps", "samples")
+
+
+def method_steps(run: MethodRun) -> tuple[int, str]:
+    """(steps, unit) of one method: its ``steps`` option (Integrated Gradients) or ``samples``
+    (GradientSHAP, Shapley sampling, LIME, KernelSHAP), defaults included; (1, "pass") for a
+    method with neither (Saliency, DeepLift, Feature ablation, Occlusion, rollout: their work
+    grows with the input's tokens, which ``max_input_tokens`` limits)."""
+    options = get_method(run.method).make_options(run.options_dict())
+    for name in STEP_OPTIONS:
+        value = getattr(options, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, name
+    return 1, "pass"
 
 
 @dataclass(frozen=True)
@@ -91,3 +109,32 @@ class ExplanationSpec:
             faithfulness=bool(self.faithfulness),
             seed=self.seed,
         )
+
+    def steps(self, targets: int = 1) -> int:
+        """Attribution steps this spec asks for: each method's steps (``method_steps``) summed,
+        times ``targets`` (the output tokens each method runs for, with ``per_token``)."""
+        return sum(method_steps(run)[0] for run in self.methods) * max(int(targets), 1)
+
+    def describe_steps(self, targets: int = 1) -> str:
+        """E.g. "Integrated Gradients 50 steps + LIME 200 samples, x 3 target tokens"."""
+        parts = []
+        for run in self.methods:
+            n, unit = method_steps(run)
+            parts.append(f"{get_method(run.method).title} {n} {unit}")
+        text = " + ".join(parts)
+        return text + (f", x {targets} target tokens" if targets > 1 else "")
+
+    def refinement_capped(self, max_steps: int) -> ExplanationSpec:
+        """The spec with every step refinement (Integrated Gradients' ``auto_steps``) stopping
+        at ``max_steps`` at most (never below the method's own ``steps``); unchanged when no
+        refinement goes that far. The returned spec records the lowered ``max_steps``."""
+        runs = []
+        for run in self.methods:
+            options = get_method(run.method).make_options(run.options_dict())
+            ceiling = getattr(options, "max_steps", None)
+            if getattr(options, "auto_steps", False) and isinstance(ceiling, int):
+                capped = max(min(ceiling, max_steps), options.steps)
+                if capped != ceiling:
+                    run = MethodRun(run.method, {**run.options_dict(), "max_steps": capped})
+            runs.append(run)
+        return dataclasses.replace(self, methods=tuple(runs))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import runs
+from engine.access import check_limit
 from engine.errors import InputError
 from engine.generation.core import context_length
 from engine.manager import LoadedModel
@@ -48,6 +50,38 @@ class OverlapScores(Result):
     chrf: float
     bleu_signature: str
     chrf_signature: str
+
+
+def start_perplexity(
+    loaded: LoadedModel, text: str, window: int | None = None
+) -> runs.Run[PerplexityResult]:
+    """``perplexity`` as a run (result: ``PerplexityResult``); returns at once.
+
+    In the caller's thread: the text's tokens against the acting user's ``max_input_tokens``
+    and their requests per minute (``LimitError``). Bad input (empty text, not a causal LM)
+    fails the run with its one-line message. The run's ``cost`` is the text's tokens.
+    """
+    spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, "text": text}
+    if window is not None:
+        spec["window"] = window
+    n = _count_tokens(loaded, text)
+    limits = runs.enforced_limits()
+    if limits is not None and n is not None:
+        check_limit(n, limits.max_input_tokens, "The text", "tokens")
+    return runs.start(
+        "perplexity", lambda _ctx: perplexity(loaded, text, window), spec=spec, cost=n or 1
+    )
+
+
+def _count_tokens(loaded: LoadedModel, text: str, **kwargs) -> int | None:
+    """Tokens of ``text`` (None when it is not a non-empty string, or fails to tokenize: the
+    run then reports the problem)."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        return len(loaded.encode(text, **kwargs)["input_ids"])
+    except Exception:  # the run meets it again and reports it
+        return None
 
 
 def perplexity(loaded: LoadedModel, text: str, window: int | None = None) -> PerplexityResult:
