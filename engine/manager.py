@@ -1,8 +1,8 @@
 """The model manager: each model is loaded once per process and shared by every caller.
 
-Thread-safe. Calls on one model are serialized with its lock (``LoadedModel.use``), idle models
-are evicted least-recently-used when a new one would overflow the memory budget, and nothing
-here stores per-request state.
+Thread-safe. Calls on one model take turns through its fair queue (``LoadedModel.use``,
+``engine.scheduler``), idle models are evicted least-recently-used when a new one would overflow
+the memory budget, a model in use is never unloaded, and nothing here stores per-request state.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import runs
 from engine.catalog import Kind, resolve
 from engine.devices import Placement
 from engine.errors import EngineError, InputError, MemoryBudgetError
 from engine.loading import LoadOptions, Progress, _quiet, estimate_weight_bytes, load_weights
+from engine.scheduler import ModelQueue
 from engine.store import ModelStore
 
 
@@ -57,8 +57,11 @@ class LoadedModel:
     path: str
     load_seconds: float
     last_used: float = field(default_factory=time.monotonic)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    queue: ModelQueue = field(init=False)
     tokenizer_lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def __post_init__(self) -> None:
+        self.queue = ModelQueue(self.name)
 
     @property
     def device(self) -> torch.device:
@@ -90,43 +93,24 @@ class LoadedModel:
 
     @property
     def busy(self) -> bool:
-        if self.lock.acquire(blocking=False):
-            self.lock.release()
-            return False
-        return True
+        """True while a call holds the model, waits for it or is seated in a batch on it."""
+        return self.queue.busy
 
     @contextlib.contextmanager
     def use(self, timeout_s: float = 600.0) -> Iterator[LoadedModel]:
-        """Exclusive use of the model for one call (concurrent sessions wait their turn).
+        """Use of the model for one call, granted by its fair queue (``engine.scheduler``).
 
-        Inside a run, a wait is reported in the run's snapshot ("waiting for ...") and a
-        cancelled run stops waiting.
+        Calls wait their turn: instructors first, then round-robin across users by cost, at
+        most ``concurrent_runs`` at once per user. Re-entrant for the holding thread. Inside
+        a run, a wait is reported in the run's snapshot ("Waiting for NAME: another run is
+        using it; 2nd in line, about 4 s") and a cancelled run leaves the queue.
         """
-        if not self.lock.acquire(blocking=False):
-            self._wait_for_lock(timeout_s)
-        try:
+        with self.queue.use(timeout_s):
             self.last_used = time.monotonic()
-            yield self
-        finally:
-            self.last_used = time.monotonic()
-            self.lock.release()
-
-    def _wait_for_lock(self, timeout_s: float) -> None:
-        context = runs.current()
-        if context is not None:
-            context.waiting(f"Waiting for {self.name}: another run is using it…")
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not self.lock.acquire(timeout=0.1):
-                if context is not None:
-                    context.check()
-                if time.monotonic() > deadline:
-                    raise EngineError(
-                        f"{self.name} stayed busy for {timeout_s:.0f} s: try again later."
-                    )
-        finally:
-            if context is not None:
-                context.resumed()
+            try:
+                yield self
+            finally:
+                self.last_used = time.monotonic()
 
     def encode(self, text: str | list[str], **kwargs):
         """``tokenizer(text, **kwargs)`` under the tokenizer's own lock.
@@ -276,16 +260,30 @@ class ModelManager:
                     f"Loading {keep} would exceed the memory budget and every loaded model is busy: "
                     "wait, or unload a model on the Models & system page."
                 )
-            self.unload(idle[0].name)
+            with contextlib.suppress(EngineError):  # taken into use meanwhile: next one
+                self.unload(idle[0].name)
 
-    def unload(self, name: str) -> None:
-        """Drop a model from memory (waits for a running call on it to finish)."""
+    def unload(self, name: str, wait_s: float = 0.0) -> None:
+        """Drop a model from memory once nothing uses it.
+
+        Waits up to ``wait_s`` seconds for the calls holding, seated on or queued for it to
+        finish; then ``EngineError`` "NAME is in use by N runs; ..." if some still are (a model
+        is never removed from under a run).
+        """
         with self._registry_lock:
             loaded = self._models.get(name)
         if loaded is None:
             raise InputError(f"{name!r} is not loaded.")
-        with loaded.use(), self._registry_lock:
-            self._models.pop(name, None)
+        deadline = time.monotonic() + wait_s
+        while loaded.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._registry_lock:
+            count = loaded.queue.users_count()
+            if count == 0:
+                self._models.pop(name, None)
+        if count:
+            noun = "run" if count == 1 else "runs"
+            raise EngineError(f"{name} is in use by {count} {noun}; try again when they finish.")
         del loaded
         if self.placement.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -21,16 +21,15 @@ import io
 import math
 import secrets
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from engine import access
 from engine.errors import InputError
 from engine.generation.chat import ChatMessage, render_chat
-from engine.generation.cpu_speed import onednn_linears
-from engine.generation.decoding import Alternative, Observer, Recorder, Sampler, TokenStep
+from engine.generation.decoding import Alternative, Recorder, Sampler, TokenStep
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 from engine.results import Result
@@ -129,6 +128,8 @@ class GenerationResult(Result):
     ``finish_reason``: "eos" (end-of-sequence token), "length" (max_new_tokens), "stop" (a
     stop sequence; the text is cut before it) or "cancelled" (Stop). ``seconds`` is the wall
     time of the decode, ``first_token_seconds`` the time to the first token (prefill).
+    ``batch_size``: computations decoded together in one batch with this one (1: alone);
+    ``shared_by``: identical requests served by this one computation (1: not shared).
     """
 
     prompt: str
@@ -144,6 +145,8 @@ class GenerationResult(Result):
     mode: str = "text"
     model_input: str = ""
     messages: tuple[ChatMessage, ...] = ()
+    batch_size: int = 1
+    shared_by: int = 1
 
     @property
     def logprob(self) -> float:
@@ -220,7 +223,9 @@ def prepare(
     settings: GenerationSettings,
     messages: Sequence[ChatMessage] | None = None,
 ) -> Prepared:
-    """Validate and tokenize a request. Raises ``InputError`` with a fix for bad input.
+    """Validate and tokenize a request. Raises ``InputError`` with a fix for bad input and
+    ``LimitError`` past the acting user's limits (``max_new_tokens``, ``max_input_tokens``;
+    with ``keep_last_tokens`` the prompt is cut to the input limit instead).
 
     With ``messages`` (chat mode) the prompt is the conversation rendered with the model's chat
     template and ``prompt`` is ignored.
@@ -231,6 +236,10 @@ def prepare(
             f"{loaded.name} is a {loaded.kind} model and cannot generate text: pick a causal LM "
             "or an encoder-decoder model."
         )
+    limits = access.limits_for()
+    access.check_limit(
+        settings.max_new_tokens, limits.max_new_tokens, "max_new_tokens", "new tokens"
+    )
     with loaded.tokenizing() as tokenizer:
         if messages:
             msgs = tuple(messages)
@@ -251,6 +260,8 @@ def prepare(
             f"max_new_tokens ({settings.max_new_tokens}) must be below the model's context of "
             f"{limit} tokens: ask for at most {limit - 1}."
         )
+    if not settings.keep_last_tokens or limits.max_input_tokens < 1:
+        access.check_limit(n, limits.max_input_tokens, "The prompt", "tokens")
     dropped = 0
     if n > room:
         if not settings.keep_last_tokens:
@@ -261,6 +272,10 @@ def prepare(
             )
         dropped = n - room
         ids = ids[:, -room:]
+    if settings.keep_last_tokens and ids.shape[1] > limits.max_input_tokens:
+        dropped += int(ids.shape[1]) - limits.max_input_tokens  # keep what the limit allows
+        ids = ids[:, -limits.max_input_tokens :]
+    if dropped:
         with loaded.tokenizing() as tokenizer:
             model_input = tokenizer.decode(ids[0])
     return Prepared(prompt, model_input, ids, mode, msgs, dropped)
@@ -328,50 +343,19 @@ def run_generation(
     cancel: threading.Event | None = None,
     on_step: Callable[[TokenStep, str], None] | None = None,
 ) -> GenerationResult:
-    """Decode a prepared request while holding the model's lock.
+    """Decode a prepared request through the model's fair queue (``engine.scheduler``).
 
-    ``on_step(token, text_so_far)`` is called after every token (from the calling thread);
-    setting ``cancel`` ends the run after the current token and releases the model.
+    Concurrent compatible requests are decoded in one batch and identical ones once
+    (``engine.generation.batching``; the result's ``batch_size`` and ``shared_by`` say so).
+    ``on_step(token, text_so_far)`` is called after every token (possibly from the thread
+    that decodes the batch); setting ``cancel`` ends this request after the current token.
     """
-    from transformers import StoppingCriteriaList
+    from engine.generation.batching import Request, serve
 
     settings = settings.validated()
     if settings.sampling and settings.seed is None:
         settings = replace(settings, seed=secrets.randbelow(2**31))
-    kwargs, recorder = generate_kwargs(loaded, prepared, settings)
-    observer = Observer(
-        loaded.tokenizer,
-        recorder,
-        settings.stop_sequences,
-        cancel or threading.Event(),
-        on_step,
-        tokenizer_lock=loaded.tokenizer_lock,
-    )
-    kwargs["stopping_criteria"] = StoppingCriteriaList([observer])
-    with loaded.use(), torch.inference_mode(), onednn_linears(loaded.model):
-        started = time.perf_counter()
-        loaded.model.generate(**kwargs)
-        seconds = time.perf_counter() - started
-    finish = observer.finish_reason
-    if finish is None:
-        last = observer.ids[-1] if observer.ids else None
-        finish = "eos" if last is not None and last in _eos_ids(loaded) else "length"
-    first = observer.first_token_at - started if observer.first_token_at is not None else None
-    return GenerationResult(
-        prompt=prepared.prompt,
-        text=observer.text,
-        tokens=tuple(observer.steps),
-        settings=settings,
-        provenance=Provenance.of(loaded, seed=settings.seed),
-        finish_reason=finish,
-        seconds=seconds,
-        first_token_seconds=first,
-        prompt_tokens=int(prepared.input_ids.shape[1]),
-        dropped_prompt_tokens=prepared.dropped_prompt_tokens,
-        mode=prepared.mode,
-        model_input=prepared.model_input,
-        messages=prepared.messages,
-    )
+    return serve(loaded, Request.make(loaded, prepared, settings, cancel, on_step))
 
 
 def generate(

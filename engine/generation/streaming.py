@@ -16,7 +16,13 @@ from dataclasses import dataclass
 
 from engine import runs
 from engine.generation.chat import ChatMessage
-from engine.generation.core import GenerationResult, GenerationSettings, prepare, run_generation
+from engine.generation.core import (
+    GenerationResult,
+    GenerationSettings,
+    Prepared,
+    prepare,
+    run_generation,
+)
 from engine.generation.decoding import TokenStep
 from engine.manager import LoadedModel
 
@@ -57,7 +63,8 @@ def start_generation(
     messages: Sequence[ChatMessage] | None = None,
     idle_timeout_s: float | None = None,
 ) -> runs.Run[GenerationResult]:
-    """Validate in the caller's thread (``InputError`` for bad input), then generate as a run.
+    """Validate in the caller's thread (``InputError`` for bad input, ``LimitError`` past the
+    user's limits), then generate as a run through the model's fair queue.
 
     With ``idle_timeout_s``, the run stops itself when ``snapshot()`` has not been called for
     that long (a closed browser tab must not keep the model busy).
@@ -80,4 +87,10 @@ def start_generation(
         work,
         spec=generation_spec(loaded, prompt, settings, messages, prepared.input_ids[0].tolist()),
         idle_timeout_s=idle_timeout_s,
+        cost=generation_cost(prepared, settings),
     )
+
+
+def generation_cost(prepared: Prepared, settings: GenerationSettings) -> int:
+    """Scheduling cost of a generation (``engine.scheduler``): prompt tokens + max_new_tokens."""
+    return int(prepared.input_ids.shape[1]) + settings.max_new_tokens
