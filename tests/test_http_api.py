@@ -296,3 +296,38 @@ def test_keys_required_wrong_and_right(client, workbench, keyed, tiny_models):
         client.post("/v1/completions", json=folder, headers=right), 404, "model_not_found"
     )
     assert client.get("/v1/runs", headers=right).json()["data"] == []
+
+
+@pytest.mark.slow
+def test_finetune_job_over_http_with_progress_events(shared_home, tmp_path, clf_data):
+    """A job created from data in the request trains, streams its progress and ends with
+    metrics and a result (MiniLM, 4 steps, in the job's own process)."""
+    import shutil
+
+    from engine import Workbench
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(shared_home / "models" / "minilm-l6", home / "models" / "minilm-l6")
+    wb = Workbench(home=home, device="cpu")
+    client = TestClient(api_app(lambda: wb))
+    body = {
+        "base": "minilm-l6",
+        "task": "classification",
+        "out": "api-sentiment",
+        "data": {"name": "sentiment.csv", "content": clf_data.read_text()},
+        "train": {"max_steps": 4, "batch_size": 8},
+    }
+    created = client.post("/v1/finetune/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    assert "folder" not in created.json()  # no server paths
+    with client.stream("GET", f"/v1/finetune/jobs/{job_id}/events") as r:
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert events and events[-1]["status"] == "completed", events[-1]
+    job = client.get(f"/v1/finetune/jobs/{job_id}").json()
+    assert any(m.get("type") == "train" for m in job["metrics"])
+    assert job["result"]["type"] == "FinetuneResult"
+    assert "api-sentiment" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    again = client.post("/v1/finetune/jobs", json=body)  # the name is taken now
+    _assert_error(again, 400)
