@@ -105,7 +105,9 @@ def gate() -> User | None:
         st.error(str(exc))
     if user is None:
         st.session_state.pop(USER_KEY, None)
-        login_page()
+        # the login page as the only (hidden) page: the menu of a previous login disappears
+        page = st.Page(login_page, title="Log in", icon=":material/login:", default=True)
+        st.navigation([page], position="hidden").run()
         st.stop()
     st.session_state[USER_KEY] = (user, time.monotonic())
     return user
