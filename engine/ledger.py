@@ -10,6 +10,14 @@ Tamper evidence: each record stores the hash of the record before it and its own
 all its fields (a hash chain). ``verify()`` recomputes the chain and every result file's sha256
 and names the first record that does not match.
 
+Crash safety (a process killed with -9 at any point of ``append``): the result is first written
+to ``ledger/tmp/`` (fsynced), then, inside the write transaction that adds the record, renamed
+to ``results/<id>.<ext>``: a recorded result file is always whole, never overwritten by a later
+attempt with the same id, and a half-written one is never referenced. What a kill can leave is
+a temporary file (removed when the next ``Ledger`` opens, once its writer is gone) or, in the
+instant between the rename and the commit, the result file of a run that was not recorded:
+``verify`` ignores it, a later ``append`` of that id replaces it, ``clean_leftovers`` removes it.
+
     ledger = Ledger(home)
     record = ledger.append(operation="generate", spec={...}, result=result, seconds=1.2)
     ledger.verify().ok
@@ -19,15 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine import access
 from engine.errors import EngineError, InputError
-from engine.files import atomic_write, atomic_write_text
+from engine.files import DiskError, atomic_write, disk_error
+from engine.locks import host_tag, owner_alive, owner_tag
 
 SCHEMA_VERSION = 1
 GENESIS = "0" * 64
@@ -63,6 +76,11 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE UNIQUE INDEX IF NOT EXISTS runs_id ON runs (id);
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 """
+# ledger/tmp/<pid>-<start>-<host>-<token>.part: a result being written by that process
+_STAGED = re.compile(r"(?P<pid>\d+)-(?P<started>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-f]{8}\.part")
+# engine.files temporaries of older versions in results/: .NAME.PID-TOKEN.tmp
+_OLD_TEMP = re.compile(r"\..+\.(?P<pid>\d+)-[0-9a-f]+\.tmp")
+FOREIGN_TEMP_AGE_S = 3600.0  # a temporary whose writer cannot be checked: removed after this
 # schema version -> statements that bring version - 1 up to it (none yet beyond the first)
 _MIGRATIONS: dict[int, list[str]] = {}
 
@@ -169,9 +187,12 @@ class Ledger:
         self.root = Path(home) / "ledger"
         self.results = self.root / "results"
         self.results.mkdir(parents=True, exist_ok=True)
+        self.staging = self.root / "tmp"
+        self.staging.mkdir(exist_ok=True)
         self.path = self.root / "ledger.sqlite"
         with self._connect() as con:
             self._migrate(con)
+        self._clean_staging()
 
     # --- connection and schema ------------------------------------------------------------
 
@@ -213,35 +234,113 @@ class Ledger:
 
     # --- writing --------------------------------------------------------------------------
 
+    def _result_writer(self, run_id: str, result: Any) -> tuple[Path, Callable[[Path], None]]:
+        """Where ``result`` is kept (npz when it has ``save_npz``, else JSON) and how to write
+        it into a given file."""
+        too_big = getattr(result, "nbytes", 0) > max_result_bytes()
+        if hasattr(result, "save_npz") and not too_big:
+
+            def write_npz(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    result.save_npz(fh)
+
+            return self.results / f"{run_id}.npz", write_npz
+        if too_big and hasattr(result, "summary"):
+            # tensors over the cap are not kept (a class's 1,024-token attention runs would
+            # fill the disk); the record keeps everything else, and says so
+            text = canonical({"type": "summary", "tensors_kept": False, **plain(result.summary())})
+        elif hasattr(result, "to_json"):
+            text = result.to_json()
+        else:
+            text = canonical(plain(result))
+        return self.results / f"{run_id}.json", lambda tmp: tmp.write_text(text, encoding="utf-8")
+
     def store_result(self, run_id: str, result: Any) -> tuple[str, str] | tuple[None, None]:
-        """Write ``result`` next to the ledger (npz when it has ``save_npz``, else JSON).
+        """Write ``result`` next to the ledger (npz when it has ``save_npz``, else JSON), in
+        place, atomically. ``append`` does not use this: it renames a staged file under its
+        write lock, so it never overwrites the file of a recorded run.
 
         Returns (path relative to the ledger folder, sha256 of the file).
         """
         if result is None:
             return None, None
-        too_big = getattr(result, "nbytes", 0) > max_result_bytes()
-        if hasattr(result, "save_npz") and not too_big:
-            target = self.results / f"{run_id}.npz"
-
-            def write(tmp: Path) -> None:
-                with open(tmp, "wb") as fh:
-                    result.save_npz(fh)
-
-            atomic_write(target, write, f"the result of run {run_id}")
-        elif too_big and hasattr(result, "summary"):
-            # tensors over the cap are not kept (a class's 1,024-token attention runs would
-            # fill the disk); the record keeps everything else, and says so
-            target = self.results / f"{run_id}.json"
-            kept = {"type": "summary", "tensors_kept": False, **plain(result.summary())}
-            atomic_write_text(target, canonical(kept), f"the result of run {run_id}")
-        elif hasattr(result, "to_json"):
-            target = self.results / f"{run_id}.json"
-            atomic_write_text(target, result.to_json(), f"the result of run {run_id}")
-        else:
-            target = self.results / f"{run_id}.json"
-            atomic_write_text(target, canonical(plain(result)), f"the result of run {run_id}")
+        target, write = self._result_writer(run_id, result)
+        atomic_write(target, write, f"the result of run {run_id}")
         return str(target.relative_to(self.root)), file_sha256(target)
+
+    def _stage_result(self, run_id: str, result: Any) -> tuple[Path, Path, str] | None:
+        """Write ``result`` whole into ``tmp/`` (flushed to disk): (staged file, its final
+        place, sha256). A full disk raises a one-line ``DiskError`` and leaves nothing."""
+        if result is None:
+            return None
+        target, write = self._result_writer(run_id, result)
+        staged = self.staging / f"{owner_tag()}-{secrets.token_hex(4)}.part"
+        what = f"the result of run {run_id}"
+        try:
+            write(staged)
+            with open(staged, "rb+") as fh:
+                os.fsync(fh.fileno())
+            return staged, target, file_sha256(staged)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise disk_error(exc, what) from exc
+        except BaseException as exc:
+            staged.unlink(missing_ok=True)
+            if isinstance(exc, RuntimeError) and ("write" in str(exc) or "basic_ios" in str(exc)):
+                raise DiskError(f"Cannot write {what}: the disk may be full ({exc}).") from exc
+            raise
+
+    def _clean_staging(self) -> int:
+        """Remove staged results whose writer process is gone (killed mid-append); returns how
+        many. One from another host, or unreadable, goes only after an hour untouched."""
+        removed = 0
+        for path in self.staging.iterdir():
+            match = _STAGED.fullmatch(path.name)
+            if match is not None and match["host"] == host_tag():
+                if owner_alive(int(match["pid"]), int(match["started"])):
+                    continue
+            elif time.time() - _mtime(path) < FOREIGN_TEMP_AGE_S:
+                continue
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                continue  # gone already, or not ours to remove
+        return removed
+
+    def clean_leftovers(self) -> int:
+        """Remove what killed writers left: staged results (``tmp/``), temporary files of older
+        versions in ``results/``, and result files no record points to (a kill between the
+        rename and the commit). Holds the write lock while it looks, so no ``append`` is
+        halfway; returns how many files were removed."""
+        removed = self._clean_staging()
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            kept = {
+                row[0]
+                for row in con.execute("SELECT result_path FROM runs WHERE result_path IS NOT NULL")
+            }
+            for path in self.results.iterdir():
+                old = _OLD_TEMP.fullmatch(path.name)
+                if old is not None:
+                    if _pid_alive(int(old["pid"])):
+                        continue
+                elif str(path.relative_to(self.root)) in kept or not path.is_file():
+                    continue
+                try:
+                    path.unlink()
+                    removed += 1
+                except OSError:
+                    continue
+            con.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise LedgerError(f"Cannot clean the run ledger ({exc}).") from exc
+        finally:
+            con.close()
+        return removed
 
     def append(
         self,
@@ -268,7 +367,8 @@ class Ledger:
             for key in ("model", "fingerprint", "dtype", "device", "seed", "versions"):
                 identity.setdefault(key, getattr(provenance, key, None))
         spec_plain = plain(spec)
-        result_path, result_sha = self.store_result(run_id, result)
+        staged = self._stage_result(run_id, result)
+        result_path = str(staged[1].relative_to(self.root)) if staged else None
         fields = {
             "id": run_id,
             "created": created if created is not None else time.time(),
@@ -288,11 +388,20 @@ class Ledger:
             "seconds": seconds,
             "error": error,
             "result_path": result_path,
-            "result_sha256": result_sha,
+            "result_sha256": staged[2] if staged else None,
         }
+        placed = False  # the staged result renamed into results/ (undone unless committed)
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")  # one writer at a time: the chain stays a chain
+            if con.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: runs.id")
+            if staged:  # under the write lock: no other append of this id is halfway
+                try:
+                    os.replace(staged[0], staged[1])
+                except OSError as exc:
+                    raise disk_error(exc, f"the result of run {run_id}") from exc
+                placed = True
             row = con.execute("SELECT hash FROM runs ORDER BY seq DESC LIMIT 1").fetchone()
             fields["prev_hash"] = row[0] if row else GENESIS
             digest = record_hash(fields)
@@ -306,6 +415,7 @@ class Ledger:
                 (*values, digest),
             )
             con.execute("COMMIT")
+            placed = False
             seq = int(cur.lastrowid or 0)
         except sqlite3.IntegrityError as exc:
             con.execute("ROLLBACK")
@@ -314,7 +424,15 @@ class Ledger:
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise LedgerError(f"Cannot record run {run_id} in the ledger ({exc}).") from exc
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
         finally:
+            if placed and staged:  # renamed but not recorded: no file without its record
+                staged[1].unlink(missing_ok=True)
+            if staged:
+                staged[0].unlink(missing_ok=True)
             con.close()
         return RunRecord(**fields, hash=digest, seq=seq)
 
@@ -441,6 +559,19 @@ class Ledger:
         if file_sha256(path) != record.result_sha256:
             return f"its result file {record.result_path} was changed (sha256 differs)"
         return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid)
 
 
 def _result_ids(result: Any) -> list[int] | None:

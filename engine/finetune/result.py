@@ -105,9 +105,11 @@ def ledger_id(job_id: str) -> str:
 
 
 def record_in_ledger(home, spec: dict, result: FinetuneResult, seconds: float | None) -> None:
-    """Record a finished job in the run ledger of ``home`` (once: a second call is a no-op)."""
+    """Record a finished job in the run ledger of ``home`` (once: a second call is a no-op),
+    as the acting user's run (the worker acts as the job's owner)."""
     import contextlib
 
+    from engine.access import current_user
     from engine.errors import InputError
     from engine.ledger import Ledger
 
@@ -118,4 +120,5 @@ def record_in_ledger(home, spec: dict, result: FinetuneResult, seconds: float | 
             spec={**spec, "model": spec.get("base"), "job_id": result.job_id},
             result=result,
             seconds=seconds,
+            user=current_user().name,
         )

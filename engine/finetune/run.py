@@ -6,7 +6,7 @@ like an in-process ``Run``: ``snapshot()`` (a ``RunSnapshot`` whose ``partial`` 
 ``wait(timeout)``, ``join(timeout)`` and ``done``. The job's own status maps onto run states:
 
     queued, running -> running     completed -> done     failed, interrupted -> failed
-    cancelled -> cancelled
+    cancelled -> cancelled         queued waiting in the lane for a slot -> waiting
 
 No torch here, and no import of ``jobs``: ``JobStore.run(job_id)`` makes one.
 """
@@ -50,12 +50,15 @@ class JobRun:
 
     def _state(self) -> tuple[Any, State]:
         info = self.jobs.get(self.id)
+        if getattr(info, "waiting", False):
+            return info, "waiting"  # in line for a training slot ("queued: 2nd in line")
         return info, STATES.get(info.status, "failed")
 
     def snapshot(self) -> RunSnapshot[FinetuneResult]:
         """The job now: state, fraction = step / total steps, message, seconds since it was
         created (until its last update once finished), partial = ``FinetuneProgress`` (latest
-        metrics included), result once done, one-line error once failed or cancelled."""
+        metrics included), result once done, one-line error once failed or cancelled. A job
+        waiting in the lane is ``waiting`` with the message "Queued: 2nd in line ..."."""
         info, state = self._state()
         progress = FinetuneProgress(
             status=info.status,

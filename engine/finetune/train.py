@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.access import current_user
 from engine.catalog import EMBEDDED, resolve
 from engine.devices import choose_placement
 from engine.errors import CancelledError, InputError
@@ -584,6 +585,7 @@ def export(
         "description": f"{spec.task} fine-tune of {spec.base}"
         + (" (LoRA, merged)" if cfg.lora else ""),
         "job_id": folder.name,
+        "owner": current_user().name,  # the worker acts as the job's owner
         "task": spec.task,
         "data_file": Path(spec.data).name,
         "data_hash": prepared.hash,

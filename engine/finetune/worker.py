@@ -8,25 +8,39 @@ Also runs under the standard launchers for scale-out (DDP; gloo on CPU, NCCL on 
 Process 0 claims the job (compare-and-set: a second worker on a running job is refused) and
 records its outcome in the job table: ``completed``, ``cancelled`` (flag file or SIGTERM) or
 ``failed`` with a one-line error (a full disk included; the traceback of a crash is in
-log.txt).
+log.txt). Then it starts the next job waiting in the lane, if any (``JobStore.pump``).
+
+Every process acts as the job's owner (``engine.access.acting_as``): a server with login
+required (``WORKBENCH_AUTH=required``, inherited) has nobody acting otherwise, and the store
+entry and the ledger record the job writes belong to its owner. Before training, process 0
+removes what a killed earlier attempt left: temporary files in the job folder and temporary
+store folders whose writer is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import sys
 import traceback
 from pathlib import Path
 
+import psutil
+
+from engine import access
 from engine.errors import CancelledError, EngineError
 from engine.files import atomic_write_json
 from engine.finetune.jobs import ACTIVE, JobStore
 from engine.finetune.result import read_json
 from engine.runs import one_line_error
-from engine.store import workbench_home
+from engine.store import ModelStore, workbench_home
+
+# engine.files temporary files (".NAME.PID-TOKEN.tmp") and save_adapter's folder (".NAME.PID.tmp")
+_TEMP = re.compile(r"\..+\.(?P<pid>\d+)(-[0-9a-f]+)?\.tmp")
 
 
 def _dist():
@@ -61,6 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     if not folder.is_dir():
         print(f"No job folder {folder}", file=sys.stderr)
         return 2
+    try:
+        owner = jobs.owner(job_id)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with access.acting_as(owner):
+        code = _main(jobs, job_id, folder, home)
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:  # this job's slot is free: start the next one waiting in the lane
+            jobs.pump()
+        except (EngineError, sqlite3.Error, OSError) as exc:
+            print(f"could not start the next queued job: {exc}", flush=True)
+    return code
+
+
+def _main(jobs: JobStore, job_id: str, folder: Path, home: Path) -> int:
+    """Attach to the job, train it and record how it ended (acting as its owner)."""
 
     def on_term(_signum, _frame) -> None:  # Cancel from the page / Ctrl-C: stop at the next step
         (folder / "CANCEL").write_text("signal")
@@ -78,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             jobs.attach(job_id)  # compare-and-set: refuses a second worker on a running job
             attached = True
+            clean_leftovers(folder, home)
         dist = _dist()
         from engine.finetune import train
 
@@ -106,6 +138,30 @@ def main(argv: list[str] | None = None) -> int:
                 torch.distributed.destroy_process_group()
 
 
+def clean_leftovers(folder: Path, home: Path) -> int:
+    """Remove what a killed earlier run of this job left: temporary files and folders in the
+    job folder and its checkpoints whose writer process is gone, and the store's temporary
+    folders of dead writers. Returns how many were removed. Only the process that holds the
+    job calls this, so no live writer of this job is touched.
+    """
+    removed = 0
+    for place in (folder, folder / "checkpoints"):
+        if not place.is_dir():
+            continue
+        for path in place.iterdir():
+            match = _TEMP.fullmatch(path.name)
+            if match is None or psutil.pid_exists(int(match["pid"])):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    with contextlib.suppress(OSError, EngineError):
+        removed += ModelStore(home).clean_leftovers()
+    return removed
+
+
 def _record(jobs: JobStore, job_id: str, folder: Path, status: str, error: str | None) -> None:
     """Record the job's end (running -> completed, failed or cancelled) and its phase.
 
@@ -114,7 +170,7 @@ def _record(jobs: JobStore, job_id: str, folder: Path, status: str, error: str |
     the reason is in log.txt.
     """
     try:
-        jobs.set_status(job_id, status, error, expect=ACTIVE)
+        jobs.set_status(job_id, status, error, expect=ACTIVE)  # as the owner: may_control
     except sqlite3.Error as exc:
         print(f"could not record the job's status ({status}: {error}): {exc}", flush=True)
     if status == "failed":
