@@ -331,3 +331,36 @@ def test_finetune_job_over_http_with_progress_events(shared_home, tmp_path, clf_
     assert "api-sentiment" in {m["id"] for m in client.get("/v1/models").json()["data"]}
     again = client.post("/v1/finetune/jobs", json=body)  # the name is taken now
     _assert_error(again, 400)
+
+
+@pytest.mark.slow
+def test_a_user_over_the_request_rate_gets_429_with_retry_after(shared_home, tmp_path, monkeypatch):
+    import shutil
+    from dataclasses import replace
+
+    from engine import Workbench
+
+    auth = pytest.importorskip("engine.auth")
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copytree(shared_home / "models" / "minilm-l6", home / "models" / "minilm-l6")
+    wb = Workbench(home=home, device="cpu")
+    auth.UserStore(home).add("ben", "student", "a long password")
+    _key_id, secret = auth.ApiKeys(home).create("ben")
+    limits = dict(access.DEFAULT_LIMITS)
+    limits["student"] = replace(limits["student"], requests_per_minute=1)
+    access.set_limits(limits)
+    monkeypatch.setenv("WORKBENCH_AUTH", "required")
+    try:
+        client = TestClient(api_app(lambda: wb))
+        headers = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "minilm-l6", "input": "a cat"}
+        first = client.post("/v1/embeddings", json=body, headers=headers)
+        assert first.status_code == 200, first.text
+        with access.acting_as(access.LOCAL):
+            assert wb.ledger.get(first.json()["run_id"]).user == "ben"
+        second = client.post("/v1/embeddings", json=body, headers=headers)
+        _assert_error(second, 429, "rate_limited")
+        assert 1 <= int(second.headers["retry-after"]) <= 60
+    finally:
+        access.set_limits(None)
