@@ -1,7 +1,7 @@
 """Built-in accounts: names, roles and argon2id password hashes in ``HOME/auth.db``.
 
-Logging in is rate-limited (``MAX_FAILURES`` wrong passwords per name, and per client, within
-``WINDOW_S``; then ``LimitError`` with ``retry_after_s``) and costs the same for a name that
+Logging in is rate-limited (``MAX_FAILURES`` wrong passwords per name, ``MAX_CLIENT_FAILURES``
+per client address (higher: a class behind one NAT address shares it), within ``WINDOW_S``; then ``LimitError`` with ``retry_after_s``) and costs the same for a name that
 does not exist (its password is checked against a dummy hash), so neither the answer nor its
 timing tells an attacker which names exist.
 """
@@ -25,7 +25,8 @@ from engine.names import name_problem
 
 MIN_PASSWORD = 8
 MAX_PASSWORD = 1024  # argon2 takes any length; a cap keeps a hostile request cheap
-MAX_FAILURES = 5
+MAX_FAILURES = 5  # per name
+MAX_CLIENT_FAILURES = 20  # per client address, over all names
 WINDOW_S = 300.0
 MAX_KEY = 200  # characters of a name or client kept in the attempts table
 WRONG = "Wrong name or password."
@@ -225,7 +226,8 @@ class UserStore:
 
         Raises ``InputError`` ("Wrong name or password.") for a wrong password, an unknown
         or disabled name alike, and ``LimitError`` (with ``retry_after_s``) after
-        ``MAX_FAILURES`` failures for this name or this client (an address) within
+        ``MAX_FAILURES`` failures for this name, or ``MAX_CLIENT_FAILURES`` for this client
+        (an address), within
         ``WINDOW_S`` seconds. ``client`` "" counts only per name.
         """
         name = str(name)[:MAX_KEY]
@@ -268,15 +270,16 @@ class UserStore:
         """Seconds until the oldest counted failure leaves the window, if a key is over."""
         wait = None
         for key in keys:
+            limit = MAX_CLIENT_FAILURES if key.startswith("client:") else MAX_FAILURES
             times = [
                 r[0]
                 for r in db.execute(
                     "SELECT at FROM attempts WHERE key = ? AND at > ? ORDER BY at DESC LIMIT ?",
-                    (key, now - WINDOW_S, MAX_FAILURES),
+                    (key, now - WINDOW_S, limit),
                 )
             ]
-            if len(times) >= MAX_FAILURES:
-                # allowed again when the MAX_FAILURES-th most recent failure leaves the window
+            if len(times) >= limit:
+                # allowed again when the limit-th most recent failure leaves the window
                 left = times[-1] + WINDOW_S - now
                 wait = max(wait or 0.0, left)
         return wait
