@@ -19,6 +19,7 @@ import numpy as np
 from engine.attention.aggregate import pretty_token
 from engine.attention.extract import AttentionResult
 from engine.errors import InputError
+from engine.html import script_json
 
 NEURON_UNSUPPORTED = (
     "The neuron view needs BERT-style self-attention (separate query and key projections, no "
@@ -89,6 +90,6 @@ def neuron_view_html(result: AttentionResult, budget: int | None = 5_000_000) ->
         "<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
         + offline_scripts()
         + vis
-        + f"<script>window.bertviz_params = {json.dumps(params)};</script>"
+        + f"<script>window.bertviz_params = {script_json(params)};</script>"
         + f"<script>{script}</script></body></html>"
     )

@@ -27,6 +27,7 @@ import numpy as np
 from engine.attention.aggregate import AttentionView, pretty_token
 from engine.attention.extract import AttentionResult
 from engine.errors import InputError, MissingPackageError
+from engine.html import script_json
 
 BERTVIZ_BUDGET_BYTES = 5_000_000
 PAGE_BUDGET_BYTES = 5_000_000  # everything one page view sends to the browser
@@ -54,6 +55,18 @@ def offline_scripts() -> str:
     d3 = assets.joinpath("d3-5.7.0.min.js").read_text(encoding="utf-8")
     jquery = assets.joinpath("jquery-2.2.4.min.js").read_text(encoding="utf-8")
     return "".join(f"<script>\n{code}\n</script>\n" for code in (d3, jquery, _SHIM))
+
+
+def _placeholder(i: int) -> str:
+    return f"@@bertviz-token-{i}@@"
+
+
+_PLACEHOLDER = re.compile(r'"@@bertviz-token-(\d+)@@"')
+
+
+def _fill_placeholders(html: str, tokens: list[str]) -> str:
+    """Each quoted placeholder becomes its token as script-safe JSON (``engine.html``)."""
+    return _PLACEHOLDER.sub(lambda m: script_json(tokens[int(m.group(1))]), html)
 
 
 @dataclass(frozen=True)
@@ -130,10 +143,15 @@ def bertviz_html(
     block = _rounded(result.attentions[layers.start : layers.stop, heads.start : heads.stop])
     attention = [torch.from_numpy(block[i : i + 1]) for i in range(len(layers))]  # (1, h, q, k)
     tokens = [pretty_token(t) for t in result.tokens]
+    # bertviz writes its parameters into a <script> with plain json.dumps, which does not
+    # escape "</script>": it gets placeholders, replaced below by escaped JSON strings.
+    marks = [_placeholder(i) for i in range(len(tokens))]
     if view == "head":
-        html = head_view(attention, tokens, html_action="return").data
+        html = head_view(attention, marks, prettify_tokens=False, html_action="return").data
     else:
-        html = model_view(attention, tokens, display_mode="light", html_action="return").data
+        html = model_view(
+            attention, marks, prettify_tokens=False, display_mode="light", html_action="return"
+        ).data
     if _REQUIRE_TAG not in html:
         raise InputError("Unexpected bertviz HTML (require.js tag not found): check its version.")
     html = html.replace(_REQUIRE_TAG, offline_scripts())
@@ -141,6 +159,7 @@ def bertviz_html(
     # bertviz's template replace also fills a comment ("// HACK: PYTHON_PARAMS ..."), which
     # doubles the payload: drop that second copy.
     html = _COMMENT_COPY.sub("", html)
+    html = _fill_placeholders(html, tokens)
     if layers.start or heads.start:
         note = (
             f"<p style='font:12px sans-serif;color:#555'>Layers {layers.start}–"
