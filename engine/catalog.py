@@ -94,8 +94,40 @@ def looks_like_hub_id(name: str) -> bool:
     )
 
 
+ROOTS_ENV = "WORKBENCH_MODEL_ROOTS"
+
+
+def model_roots() -> tuple[Path, ...] | None:
+    """Folders under which "Other model" folders may load (symlinks resolved), or None for
+    anywhere. ``WORKBENCH_MODEL_ROOTS`` (``os.pathsep``-separated) sets them; unset, a server
+    with login required allows no folder at all, and a local workbench any folder."""
+    from engine import access
+
+    raw = os.environ.get(ROOTS_ENV, "").strip()
+    if raw:
+        return tuple(
+            Path(os.path.realpath(os.path.expanduser(p))) for p in raw.split(os.pathsep) if p
+        )
+    return () if access.auth_required() else None
+
+
+def _under_roots(path: Path, roots: tuple[Path, ...] | None) -> bool:
+    if roots is None:
+        return True
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
 def resolve(name: str, store_names: set[str]) -> ModelRef:
-    """Resolve a user-typed model name. Order: embedded alias, store entry, folder, hub id."""
+    """Resolve a user-typed model name. Order: embedded alias, store entry, folder, hub id.
+
+    A folder or hub id ("Other model") needs the acting user's "models.manage" permission
+    (``engine.access``: admins), checked before the file system is looked at; a folder must
+    lie under ``model_roots()`` once symlinks are resolved. A missing folder and one outside
+    the roots get the same message, which never lists the file system or (for non-admins)
+    the store.
+    """
+    from engine import access
+
     name = name.strip()
     if not name:
         raise ModelNotFoundError("No model name given: pick one with `workbench models list`.")
@@ -103,15 +135,27 @@ def resolve(name: str, store_names: set[str]) -> ModelRef:
         return ModelRef(name, "embedded", name)
     if name in store_names and is_store_name(name):
         return ModelRef(name, "store", name)
-    path = Path(os.path.expanduser(name))
+    if not access.can("models.manage"):
+        raise access.AccessError(
+            f"{name[:80]!r} is not in the model list (embedded: {', '.join(EMBEDDED)}, or a "
+            "model in the store): loading from a folder or the hub needs an admin."
+        )
+    roots = model_roots()
     try:
-        is_dir = path.is_dir()
+        path = Path(os.path.realpath(os.path.expanduser(name)))
+        is_dir = _under_roots(path, roots) and path.is_dir()
     except (OSError, ValueError):  # too long, NUL byte: not a folder
         is_dir = False
     if is_dir:
-        return ModelRef(name, "local", str(path.resolve()))
+        return ModelRef(name, "local", str(path))
     if looks_like_hub_id(name):
         return ModelRef(name, "hub", name)
+    if roots is not None:
+        where = ", ".join(str(r) for r in roots) or "none: set WORKBENCH_MODEL_ROOTS"
+        raise ModelNotFoundError(
+            f"No model folder {name[:80]!r} under the allowed model roots ({where}), and not "
+            "a model name: `workbench models list` shows the models."
+        )
     known = sorted(set(EMBEDDED) | {n for n in store_names if is_store_name(n)})
     raise ModelNotFoundError(
         f"Unknown model {name[:80]!r}: use one of {', '.join(known)}, a local folder, or a hub id "

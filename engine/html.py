@@ -10,8 +10,10 @@ Two jobs, one helper each:
   caption that names user text): every Markdown and HTML character is backslash-escaped, so
   ``![p](http://host/x.png)`` shows as typed and fetches nothing.
 
-Everything else that puts user text into HTML uses ``html.escape``; ``text_html`` adds the
-line breaks.
+- ``text_html(text)``: text as HTML that stays text even where Streamlit also parses the HTML
+  as Markdown (``st.markdown(..., unsafe_allow_html=True)``): ``html.escape`` plus every
+  Markdown character as a numeric character reference (CommonMark treats those as literal
+  text), newlines as ``<br>``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def markdown_literal(text: str) -> str:
     return escaped.replace("\n", "  \n")
 
 
-def text_html(text: str) -> str:
-    """``text`` as HTML text (escaped; newlines become ``<br>``)."""
-    return html.escape(str(text)).replace("\n", "<br>")
+_MARKDOWN_ENTITIES = str.maketrans({c: f"&#{ord(c)};" for c in "\\`*_{}[]()#+-.!|~$:=\"'"})
+
+
+def text_html(text: str, newline: str = "<br>") -> str:
+    """``text`` as inert HTML text: escaped, Markdown characters as character references
+    (so Markdown parsing around it finds no link, image or emphasis), each newline replaced
+    by ``newline``."""
+    # &, < and > first (their references hold no Markdown character), then the rest
+    escaped = html.escape(str(text), quote=False).translate(_MARKDOWN_ENTITIES)
+    return escaped.replace("\n", newline)

@@ -86,6 +86,19 @@ def check_local_weights(folder: Path, options: LoadOptions) -> None:
         )
 
 
+def checked_options(ref: ModelRef, options: LoadOptions) -> LoadOptions:
+    """The opt-ins that apply to loading ``ref``. Embedded and store models (safetensors the
+    workbench wrote) load with both off. For a folder or hub id, remote code or pickled
+    weights need the acting user's "models.unsafe" permission (admins): ``AccessError``."""
+    if ref.source in ("embedded", "store"):
+        return LoadOptions()
+    if options.allow_pickle or options.trust_remote_code:
+        from engine import access
+
+        access.require("models.unsafe")
+    return options
+
+
 def materialize_embedded(alias: str, store: ModelStore, progress: Progress = _quiet) -> StoreEntry:
     """Make sure an embedded model is in the store, converting it once (GGUF -> safetensors)."""
     spec = EMBEDDED[alias]
@@ -180,6 +193,7 @@ def load_weights(
     """Load a resolved model onto ``placement``. Raises ``EngineError`` with a fix on failure."""
     from transformers import AutoConfig, AutoTokenizer
 
+    options = checked_options(ref, options)
     folder: Path | None
     source = ref.source
     if ref.source == "embedded":

@@ -5,7 +5,6 @@ draws a job's run snapshot (``JobStore.run(id).snapshot()``, the same interface 
 run): a fragment polls it every second while the job is active.
 """
 
-import hashlib
 import time
 
 import pandas as pd
@@ -15,6 +14,7 @@ from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec, TrainConfig, choose_settings
 from engine.finetune.jobs import RESUMABLE, JobStore
 from engine.finetune.result import read_json
+from engine.html import markdown_literal as md
 from workbench import renderers, ui
 
 st.title("Fine-tune")
@@ -80,10 +80,10 @@ def results(job_id: str, task: str, result) -> None:
         with ui.guard():
             if task == "classification":
                 out = model.classify(text)
-                st.markdown(f"Prediction: **{out.label}** ({out.confidence:.1%})")
+                st.markdown(f"Prediction: **{md(out.label)}** ({out.confidence:.1%})")
                 st.bar_chart(pd.Series(out.scores, name="probability"))
             else:
-                st.markdown(model.generate(text, max_new_tokens=32, greedy=True).text)
+                st.text(model.generate(text, max_new_tokens=32, greedy=True).text)
 
 
 def monitor(job_id: str, task: str, title: str) -> None:
@@ -187,15 +187,16 @@ else:
     upload = st.file_uploader("CSV, JSONL or TXT", type=["csv", "jsonl", "txt"], key="ft_upload")
     if upload is None:
         st.stop()
-    raw = upload.getvalue()
-    folder = wb.home / "uploads"
-    folder.mkdir(parents=True, exist_ok=True)
-    data_path = folder / f"{hashlib.sha256(raw).hexdigest()[:16]}-{upload.name}"
-    if not data_path.exists():
-        data_path.write_bytes(raw)
+    with ui.guard():  # size limit first; stored once as uploads/<user>/<sha256>-<safe name>
+        ftdata.check_upload_size(upload.size, upload.name)
+        stored = st.session_state.get("ft_upload_path")
+        if stored is None or stored[0] != upload.file_id:
+            stored = (upload.file_id, ftdata.store_upload(wb.home, upload.name, upload.getvalue()))
+            st.session_state["ft_upload_path"] = stored
+        data_path = stored[1]
 
 with ui.guard():
-    table = ftdata.read_table(data_path)
+    table = ftdata.read_table_once(data_path)  # parsed once per file, not on every rerun
 guess = ftdata.guess_columns(table.columns, task)
 cols = list(table.columns)
 
@@ -257,7 +258,9 @@ with ui.guard():
     prepared = ftdata.prepare(table, task, columns, val_fraction, int(seed), name=data_path.name)
 summary = f"{len(table)} rows → {len(prepared.train)} train / {len(prepared.val)} validation"
 if prepared.labels:
-    summary += " · classes: " + ", ".join(f"{k} ({v})" for k, v in prepared.class_counts().items())
+    summary += " · classes: " + ", ".join(
+        f"{md(k)} ({v})" for k, v in prepared.class_counts().items()
+    )
 st.caption(summary)
 train = TrainConfig(
     epochs=float(epochs) or None,

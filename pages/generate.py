@@ -6,12 +6,12 @@ run's snapshot while it goes (streamed text, progress, "waiting for the model", 
 page collects its typed result when it ends. The run's error stays on the page until replaced.
 """
 
-import html
 from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
 
+from engine.html import text_html
 from workbench import renderers, ui
 
 RUN, RESULT, HISTORIES = "gen_run", "gen_result", "gen_histories"
@@ -180,8 +180,8 @@ with tab_gen:
         if turns:
             st.caption(f"Conversation with the {preset.name!r} preset")
         for role, content in turns:
-            with st.chat_message(role):
-                st.markdown(content)
+            with st.chat_message(role):  # user and model text: text, never Markdown
+                st.markdown(f"<div>{text_html(content)}</div>", unsafe_allow_html=True)
         if turns and st.button("Clear conversation"):
             turns.clear()
             st.session_state.pop(RESULT, None)
@@ -230,7 +230,7 @@ with tab_gen:
         with st.container(key="gen_stream", border=True):
             if snap.waiting:
                 st.info(snap.message, icon="⏳")
-            st.markdown(f"{html.escape(text)}▌" if text else "…")
+            st.markdown(f"<div>{text_html(text)}▌</div>" if text else "…", unsafe_allow_html=True)
             stopping = " · stopping…" if current.context.cancel_event.is_set() else ""
             st.caption(f"{n_tokens} tokens · {snap.seconds:.1f} s{stopping}")
         st.button("Stop", key="gen_stop_button", on_click=current.cancel, type="secondary")

@@ -7,13 +7,15 @@ capability registers its own with ``@renderer("TypeName")``.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from typing import Any
 
 import altair as alt
 import pandas as pd
 import streamlit as st
+
+from engine.html import markdown_literal as md
+from engine.html import text_html
 
 RENDERERS: dict[str, Callable[[Any, str], None]] = {}
 
@@ -48,9 +50,10 @@ def generation(result, key: str) -> None:
 
     shown = result.prompt if result.mode == "text" else f"{result.prompt} → "
     with st.container(key=f"{key}_output", border=True):
+        # user and model text stay text: escaped HTML and Markdown (no image, link or tag)
         st.markdown(
-            f"<span style='opacity:.55'>{html.escape(shown)}</span>"
-            f"<b>{html.escape(result.text)}</b>".replace("\n", "<br>"),
+            f"<div class='gen-output'><span style='opacity:.55'>{text_html(shown)}</span>"
+            f"<b>{text_html(result.text)}</b></div>",
             unsafe_allow_html=True,
         )
     m = st.columns(6)
@@ -69,7 +72,7 @@ def generation(result, key: str) -> None:
         )
     st.caption(
         f"{seed_text(result.settings.seed, result.settings.sampling).capitalize()} · model "
-        f"{result.provenance.model} · fingerprint {result.provenance.fingerprint[:23]}…"
+        f"{md(result.provenance.model)} · fingerprint {result.provenance.fingerprint[:23]}…"
     )
     st.markdown("**Tokens** (colour = probability; hover for the top alternatives)")
     st.markdown(token_html(result.tokens), unsafe_allow_html=True)
@@ -93,7 +96,7 @@ def perplexity(result, key: str) -> None:
     st.metric("Perplexity", f"{result.perplexity:.2f}", help="exp(mean negative log-likelihood)")
     st.caption(
         f"{len(result.token_logprobs)} tokens scored · mean NLL {result.mean_nll:.3f} nats · "
-        f"model {result.provenance.model}"
+        f"model {md(result.provenance.model)}"
     )
 
 
@@ -113,12 +116,12 @@ def comparison(result, key: str) -> None:
     cols = st.columns(len(result.outcomes) or 1)
     for col, outcome in zip(cols, result.outcomes, strict=False):
         with col, st.container(border=True):
-            st.markdown(f"**{html.escape(outcome.label or outcome.model)}**")
+            st.markdown(f"**{md(outcome.label or outcome.model)}**")
             if outcome.error:
                 st.error(outcome.error, icon="⚠️")
                 continue
             r = outcome.result
-            st.markdown(html.escape(r.text).replace("\n", "<br>"), unsafe_allow_html=True)
+            st.markdown(f"<div>{text_html(r.text)}</div>", unsafe_allow_html=True)
             ppl_text = f"{r.perplexity:.2f}" if r.perplexity else "–"
             st.caption(f"{len(r.tokens)} tokens · {r.finish_reason} · perplexity {ppl_text}")
             st.markdown(token_html(r.tokens), unsafe_allow_html=True)
@@ -135,7 +138,7 @@ def classification(result, key: str) -> None:
 
 @renderer("CollectedData")
 def collected(result, key: str) -> None:
-    counts = ", ".join(f"{label}: {n}" for label, n in result.per_label.items())
+    counts = ", ".join(f"{md(label)}: {n}" for label, n in result.per_label.items())
     st.caption(
         f"Frozen for training: {result.rows} sentences ({counts}) · sha256 {result.sha256[:16]}…"
     )
@@ -145,8 +148,8 @@ def collected(result, key: str) -> None:
 def finetune(result, key: str) -> None:
     """Before/after metrics of a finished fine-tune and the model it produced."""
     st.markdown(
-        f"**{html.escape(result.model or '(adapter kept in the job folder)')}** — "
-        f"{html.escape(result.task)} on {html.escape(result.base)}, {result.steps} steps"
+        f"**{md(result.model or '(adapter kept in the job folder)')}** — "
+        f"{md(result.task)} on {md(result.base)}, {result.steps} steps"
     )
     rows = result.comparison()
     if rows:
@@ -163,7 +166,7 @@ def attention_result(result, key: str) -> None:
 
     st.caption(
         f"{result.n_tokens} tokens · {result.n_layers} layers × {result.n_heads} heads · "
-        f"model {result.provenance.model}"
+        f"model {md(result.provenance.model)}"
     )
     c1, c2 = st.columns(2)
     layers = ["mean", *range(result.n_layers)]
@@ -190,7 +193,7 @@ def attention_comparison(result, key: str) -> None:
     for i, (col, side) in enumerate(zip(cols, result.sides, strict=True)):
         with col:
             if len(result.sides) > 1:
-                st.markdown(f"**{html.escape(side.label)}**")
+                st.markdown(f"**{md(side.label)}**")
             st.text(side.result.text[:300])
             attention_result(side.result, f"{key}_{i}")
 

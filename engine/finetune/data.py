@@ -11,22 +11,31 @@ one-line message names the file, the row and the fix.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
+import os
 import random
+import re
+import time
+import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from engine import access
 from engine.errors import InputError
+from engine.files import atomic_write_bytes, disk_error
 
 Task = Literal["classification", "causal-lm"]
 TASKS: tuple[Task, ...] = ("classification", "causal-lm")
 FORMATS = (".csv", ".jsonl", ".txt")
 MIN_PER_CLASS = 4
 MAX_BYTES = 200 * 2**20
+UPLOADS = "uploads"  # HOME/uploads/<user>/<sha256>-<safe name>
+UPLOAD_KEEP = 10  # uploads kept per user (the oldest are deleted beyond this)
 TEXT_COLUMN = "text"  # the one column of a .txt file (one example per paragraph)
 
 # Shipped samples (engine/data/): name -> (file, task, what it is)
@@ -395,3 +404,105 @@ def load(
 ) -> Prepared:
     """``read_table`` + ``prepare`` for a file on disk."""
     return prepare(read_table(path), task, columns, val_fraction, seed, name=Path(path).name)
+
+
+# --- uploads ------------------------------------------------------------------------------
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str, default: str = "upload") -> str:
+    """A file name that is never a path: the last component of ``name`` (``/`` or ``\\``),
+    ASCII letters, digits, ``.``, ``_`` and ``-`` only, no leading dot, at most 80
+    characters with the suffix kept. ``../../x.csv`` -> ``x.csv``; nothing left -> ``default``
+    (plus the suffix)."""
+    base = re.split(r"[/\\]", str(name))[-1]
+    base = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    base = _UNSAFE_NAME.sub("_", base).strip("._-")
+    stem, dot, suffix = base.rpartition(".")
+    if not dot:
+        stem, suffix = base, ""
+    suffix = suffix[:10].lower()
+    stem = stem[: 80 - len(suffix) - 1].strip("._-") or default
+    return f"{stem}.{suffix}" if suffix else stem
+
+
+def check_upload_size(size: int, name: str) -> None:
+    """``LimitError`` when an upload of ``size`` bytes is over the acting user's upload limit
+    (``engine.access.limits_for().upload_bytes``); call it before reading the bytes."""
+    limit = access.limits_for().upload_bytes
+    if size > limit:
+        role = access.current_user().role
+        raise access.LimitError(
+            f"{safe_name(name)} is {size / 2**20:.1f} MiB; a {role} may upload at most "
+            f"{limit / 2**20:.1f} MiB (limits.toml sets this): use a smaller file."
+        )
+
+
+def upload_folder(home: str | Path) -> Path:
+    """The acting user's upload folder: ``HOME/uploads/<user>``."""
+    return Path(home) / UPLOADS / safe_name(access.current_user().name, "user")
+
+
+def store_upload(home: str | Path, name: str, data: bytes, keep: int = UPLOAD_KEEP) -> Path:
+    """Save an upload as ``HOME/uploads/<user>/<sha256>-<safe name>`` and return its path.
+
+    Checks the size limit first (``LimitError``) and the file type (``InputError``); the same
+    bytes are stored once (a repeat upload only refreshes its time). Keeps the user's ``keep``
+    most recent uploads and deletes the older ones.
+    """
+    check_upload_size(len(data), name)
+    clean = safe_name(name)
+    if Path(clean).suffix.lower() not in FORMATS:
+        raise InputError(f"{clean}: unsupported file type; use CSV, JSONL or TXT.")
+    folder = upload_folder(home)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}-{clean}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and path.stat().st_size == len(data):
+            if time.time() - path.stat().st_mtime > 600:  # recently used: keep it longest
+                os.utime(path)
+        else:
+            atomic_write_bytes(path, data, "the upload")
+    except OSError as exc:
+        raise disk_error(exc, "the upload") from exc
+    clean_uploads(folder, keep, keep_path=path)
+    return path
+
+
+def clean_uploads(
+    folder: str | Path, keep: int = UPLOAD_KEEP, keep_path: Path | None = None
+) -> int:
+    """Delete all but the ``keep`` most recently used files in ``folder`` (``keep_path``
+    always stays). Returns how many were deleted."""
+    try:
+        files = [p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")]
+    except OSError:
+        return 0
+    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    deleted = 0
+    for old in files[keep:]:
+        if keep_path is not None and old == keep_path:
+            continue
+        try:
+            old.unlink()
+            deleted += 1
+        except OSError:
+            pass
+    return deleted
+
+
+def read_table_once(path: str | Path) -> Table:
+    """``read_table`` of a file on disk, parsed once per content: a page that reruns gets
+    the same ``Table`` back while the file (size, modification time) is unchanged."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return read_table(path)  # its own message for a missing file
+    return _read_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cached(path: str, _size: int, _mtime_ns: int) -> Table:
+    return read_table(path)

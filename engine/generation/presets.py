@@ -1,16 +1,20 @@
 """Task presets: editable prompt templates (continue, chat, summarize, translate, ...).
 
-A template holds ``{input}`` where the user's text goes. Built-in presets can be overridden and
-new ones added; user presets are saved as JSON in ``$WORKBENCH_HOME/presets.json``.
+A template holds ``{input}`` where the user's text goes. Built-in presets are shared and
+read-only (a user may override one with a preset of the same name); saved presets belong to
+the acting user (``engine.access``): JSON in ``$WORKBENCH_HOME/presets.json`` for the local
+user, ``$WORKBENCH_HOME/presets/<user>-<hash>.json`` for each logged-in user.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from engine import access
 from engine.errors import InputError, StoreError
 from engine.files import atomic_write_json, disk_error
 from engine.locks import PathLock, path_lock
@@ -84,7 +88,14 @@ BUILTIN: tuple[Preset, ...] = (
 
 
 def _path(home: Path) -> Path:
-    return Path(home) / FILE_NAME
+    """The acting user's presets file: ``HOME/presets.json`` for the local user (the file of
+    a single-user workbench), ``HOME/presets/<user>-<hash>.json`` for everyone else."""
+    user = access.current_user()
+    if user.name == access.LOCAL.name:
+        return Path(home) / FILE_NAME
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", user.name)[:40]
+    digest = hashlib.sha256(user.name.encode()).hexdigest()[:12]
+    return Path(home) / "presets" / f"{safe}-{digest}.json"
 
 
 def _read_user(home: Path) -> list[Preset]:
@@ -115,12 +126,12 @@ def _write_user(home: Path, presets: list[Preset]) -> None:
 
 def _locked(home: Path) -> PathLock:
     """The lock every read-modify-write of the presets file holds (threads and processes)."""
-    home = Path(home)
+    path = _path(home)
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise disk_error(exc, "the presets file") from exc
-    return path_lock(home / f".{FILE_NAME}.lock")
+    return path_lock(path.parent / f".{path.name}.lock")
 
 
 def list_presets(home: Path) -> list[Preset]:

@@ -1,4 +1,8 @@
-"""HTML views of generated tokens, shared by every place that draws a generation."""
+"""HTML views of generated tokens, shared by every place that draws a generation.
+
+Token text is made inert with ``engine.html.text_html`` (escaped HTML, Markdown characters as
+character references): the view is safe in ``st.html`` and in ``st.markdown``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from engine.generation.decoding import TokenStep
+from engine.html import text_html
 
 
 def prob_colour(p: float) -> str:
@@ -25,8 +30,9 @@ def _span(group: Sequence[TokenStep]) -> str:
     for t in group:
         alts = " | ".join(f"{a.text!r} {math.exp(a.logprob):.3f}" for a in t.alternatives)
         tips.append(f"token {t.id}: p={math.exp(t.logprob):.4f}  logprob={t.logprob:.3f}\n{alts}")
-    text = html.escape(shown).replace("\n", "↵<br>") or "∅"
-    tip = html.escape("\n".join(tips))
+    text = text_html(shown, newline="↵<br>") or "∅"
+    # an attribute is never Markdown; no raw newline keeps the view one HTML block
+    tip = html.escape("\n".join(tips)).replace("\n", "&#10;")
     return (
         f'<span class="gen-token" title="{tip}" style="background:{prob_colour(p)};'
         f'border-radius:3px;padding:0 1px;margin:0 1px;white-space:pre-wrap">{text}</span>'
