@@ -43,6 +43,8 @@ __all__ = ["MAX_BATCH_REQUESTS", "MAX_BATCH_ROWS", "Batchable", "Grant", "ModelQ
 MAX_BATCH_ROWS = 16  # distinct computations decoded together in one grant
 MAX_BATCH_REQUESTS = 64  # requests served by one grant (identical ones share a row)
 EWMA_ALPHA = 0.3
+GATHER_S = 0.05  # a batch's holder waits at most this long for recent users to come back
+RECENT_S = 2.0  # users served on a model this recently are expected to send more
 POLL_S = 0.1  # how often a waiter checks its run for a cancel
 
 _COND = threading.Condition(threading.Lock())
@@ -90,6 +92,26 @@ class Grant:
     started: float = field(default_factory=time.monotonic)
     cost: float = 1.0
     measured: bool = False  # counts towards the seconds-per-cost estimate (a run's work)
+
+    def gather(self, wait_s: float = GATHER_S) -> None:
+        """Before computing a batch: wait up to ``wait_s`` for the users served on this model
+        in the last ``RECENT_S`` seconds (and not in this batch) to send their next request,
+        and take those along. A batch granted the moment the previous one ended would
+        otherwise hold only the requests that waited through it, and the users would split
+        into groups that take turns. Nothing to wait for (a lone user): returns at once."""
+        if self.ticket is None or self.seated or not self.members:
+            return
+        queue, lead = self.queue, self.members[0]
+        deadline = time.monotonic() + wait_s
+        with _COND:
+            while True:
+                queue._seat_along(self, lead)
+                now = time.monotonic()
+                recent = sum(1 for t in queue.recent.values() if now - t < RECENT_S)
+                target = min(recent, MAX_BATCH_ROWS, MAX_BATCH_REQUESTS)
+                if len(self.members) >= target or now >= deadline:
+                    return
+                _COND.wait(deadline - now)
 
 
 def ordinal(n: int) -> str:
@@ -150,6 +172,7 @@ class ModelQueue:
         self.finish: dict[str, float] = {}  # user name -> finish tag of their last ticket
         self.seconds_per_cost: float | None = None
         self.served: Counter[str] = Counter()  # grants and seats per user (tests, the bench)
+        self.recent: dict[str, float] = {}  # user name -> when last granted or seated
         with _COND:
             _QUEUES.add(self)
 
@@ -305,7 +328,7 @@ class ModelQueue:
         self.holder, self.depth = ticket.thread, 1
         _take_seat(ticket.user, ticket.thread)
         self.vtime = max(self.vtime, ticket.start_tag)
-        self.served[ticket.user.name] += 1
+        self._served(ticket.user)
         grant = Grant(self, ticket, cost=ticket.cost)
         if ticket.batch is not None:
             grant.members.append(ticket.batch)
@@ -313,9 +336,16 @@ class ModelQueue:
         ticket.grant = self.grant = grant
         return True
 
+    def _served(self, user: access.User) -> None:
+        self.served[user.name] += 1
+        now = time.monotonic()
+        self.recent[user.name] = now
+        if len(self.recent) > 4 * MAX_BATCH_REQUESTS:  # forget users long gone
+            self.recent = {k: t for k, t in self.recent.items() if now - t < RECENT_S}
+
     def _seat_along(self, grant: Grant, lead: Batchable) -> None:
         """Take the waiting tickets that can share ``lead``'s batch into ``grant``."""
-        rows = {lead.dedup_key}
+        rows = {getattr(m, "dedup_key", None) for m in grant.members}
         taken: Counter[str] = Counter()
         for other in sorted(self.waiting, key=lambda t: t.order):
             if len(grant.members) >= MAX_BATCH_REQUESTS:
@@ -336,7 +366,7 @@ class ModelQueue:
             _take_seat(other.user, other.thread)
             self.seats += 1
             self.vtime = max(self.vtime, other.start_tag)
-            self.served[other.user.name] += 1
+            self._served(other.user)
             grant.members.append(req)
             grant.cost += other.cost
 

@@ -338,3 +338,84 @@ def test_ordinal():
         "101st",
         "111th",
     ]
+
+
+def test_unloading_a_model_in_use_refuses_and_says_why(tiny_models, tmp_path):
+    from engine import Workbench
+    from engine.generation import GenerationSettings
+
+    wb = Workbench(home=tmp_path / "h", device="cpu")
+    name = str(tiny_models["llama"])
+    model = wb.load(name)
+    holder = Holder(model.loaded.queue)  # one run generating...
+    waiting = model.start_generation("hello world", GenerationSettings(max_new_tokens=2))
+    assert queued(model.loaded.queue, 1)  # ...and one waiting for it
+    with pytest.raises(EngineError, match=rf"^{name} is in use by 2 runs; try again when"):
+        wb.unload(name)
+    assert [m.name for m in wb.loaded()] == [name], "a model in use must stay loaded"
+    # waiting for it (bounded) succeeds once the runs finish
+    threading.Timer(0.3, holder.release).start()
+    wb.manager.unload(name, wait_s=10)
+    assert waiting.wait(10).tokens and wb.loaded() == []
+
+
+def test_a_model_with_waiters_is_busy_and_not_evicted(tiny_models, tmp_path):
+    from engine import Workbench
+    from engine.errors import MemoryBudgetError
+
+    probe = Workbench(home=tmp_path / "probe", device="cpu")
+    size = probe.load(str(tiny_models["llama"])).info().memory_bytes
+    wb = Workbench(home=tmp_path / "h", device="cpu", memory_budget_bytes=int(size * 1.5))
+    loaded = wb.load(str(tiny_models["llama"])).loaded
+    holder = Holder(loaded.queue)
+    release_waiter = threading.Event()
+
+    def wait_then_hold():
+        with loaded.use():
+            release_waiter.wait(10)
+
+    waiter = threading.Thread(target=wait_then_hold)
+    waiter.start()
+    assert queued(loaded.queue, 1)
+    holder.release()  # now only the waiter holds it: still busy
+    assert wait_until(lambda: loaded.queue.waiting_count() == 0)
+    assert loaded.busy and loaded.info().busy
+    with pytest.raises(MemoryBudgetError, match="busy"):
+        wb.load(str(tiny_models["bert"]))
+    release_waiter.set()
+    waiter.join(5)
+    assert not loaded.busy
+
+
+class FakeRequest:
+    """A batchable payload: equal ``batch_key`` s share a grant."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.batch_key, self.dedup_key = name, ("greedy",), name
+
+
+def test_a_batch_waits_briefly_for_the_users_of_the_last_batch():
+    q = ModelQueue("m-gather")
+    a, b = User("a", "student"), User("b", "student")
+    members: list[list[str]] = []
+
+    def ask(user: User, name: str, gather: bool) -> None:
+        with access.acting_as(user), q.use(batch=FakeRequest(name)) as grant:
+            if not grant.seated:
+                if gather:
+                    grant.gather(wait_s=2.0)
+                members.append([m.name for m in grant.members])
+
+    ask(a, "a1", False)
+    ask(b, "b1", False)  # a and b were both served just now
+    t0 = time.monotonic()
+    first = threading.Thread(target=ask, args=(a, "a2", True))
+    first.start()
+    time.sleep(0.1)  # b comes back a little later: taken along, not left for the next grant
+    ask(b, "b2", True)
+    first.join(5)
+    assert members[-1] == ["a2", "b2"] and time.monotonic() - t0 < 1.9
+    q.recent.clear()  # a lone user: nothing to wait for
+    t0 = time.monotonic()
+    ask(a, "a3", True)
+    assert members[-1] == ["a3"] and time.monotonic() - t0 < 0.5

@@ -104,6 +104,8 @@ def serve(loaded: LoadedModel, request: Request, timeout_s: float = 600.0) -> Ge
         if grant.seated:
             request.done.wait()
         else:
+            if request.batch_key == ("greedy",):  # worth waiting for: rows can join
+                grant.gather()  # the users of the last batch, back with their next request
             decode(loaded, grant.members)
         loaded.last_used = time.monotonic()
     if request.error is not None:
