@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from engine import access
 from engine.errors import MissingPackageError, ModelNotFoundError
 from engine.names import is_store_name
 
@@ -101,8 +102,6 @@ def model_roots() -> tuple[Path, ...] | None:
     """Folders under which "Other model" folders may load (symlinks resolved), or None for
     anywhere. ``WORKBENCH_MODEL_ROOTS`` (``os.pathsep``-separated) sets them; unset, a server
     with login required allows no folder at all, and a local workbench any folder."""
-    from engine import access
-
     raw = os.environ.get(ROOTS_ENV, "").strip()
     if raw:
         return tuple(
@@ -117,6 +116,22 @@ def _under_roots(path: Path, roots: tuple[Path, ...] | None) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
+def require_listed_or_manage(name: str, store_names: set[str]) -> None:
+    """``AccessError`` unless ``name`` is an embedded or store model or the acting user may
+    load "Other models" (folders, hub ids: "models.manage"). Says nothing about the disk.
+
+    Call it before handing out an already loaded model by name too: another user's folder
+    model must not be reachable by typing its path."""
+    name = name.strip()
+    if name in EMBEDDED or (name in store_names and is_store_name(name)):
+        return
+    if not access.can("models.manage"):
+        raise access.AccessError(
+            f"{name[:80]!r} is not in the model list (embedded: {', '.join(EMBEDDED)}, or a "
+            "model in the store): loading from a folder or the hub needs an admin."
+        )
+
+
 def resolve(name: str, store_names: set[str]) -> ModelRef:
     """Resolve a user-typed model name. Order: embedded alias, store entry, folder, hub id.
 
@@ -126,8 +141,6 @@ def resolve(name: str, store_names: set[str]) -> ModelRef:
     the roots get the same message, which never lists the file system or (for non-admins)
     the store.
     """
-    from engine import access
-
     name = name.strip()
     if not name:
         raise ModelNotFoundError("No model name given: pick one with `workbench models list`.")
@@ -135,11 +148,7 @@ def resolve(name: str, store_names: set[str]) -> ModelRef:
         return ModelRef(name, "embedded", name)
     if name in store_names and is_store_name(name):
         return ModelRef(name, "store", name)
-    if not access.can("models.manage"):
-        raise access.AccessError(
-            f"{name[:80]!r} is not in the model list (embedded: {', '.join(EMBEDDED)}, or a "
-            "model in the store): loading from a folder or the hub needs an admin."
-        )
+    require_listed_or_manage(name, store_names)
     roots = model_roots()
     try:
         path = Path(os.path.realpath(os.path.expanduser(name)))

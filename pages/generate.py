@@ -11,6 +11,7 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
+from engine import access
 from engine.html import text_html
 from workbench import renderers, ui
 
@@ -269,7 +270,10 @@ with tab_eval:
 
 with tab_compare:
     options = [e.name for e in wb.catalog() if e.kind in GENERATIVE_KINDS]
-    options += [m.name for m in wb.loaded() if m.kind in GENERATIVE_KINDS and m.name not in options]
+    if access.can("models.manage"):  # "Other models" (folders, hub ids) are admins' only
+        options += [
+            m.name for m in wb.loaded() if m.kind in GENERATIVE_KINDS and m.name not in options
+        ]
     current = ui.selected_model_name()
     if current not in options:
         options.append(current)

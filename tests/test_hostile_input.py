@@ -242,3 +242,25 @@ def test_token_view_is_inert():
     ]
     page = token_html(steps)
     assert "<img" not in page and "](" not in page and "\n" not in page
+
+
+def test_listed_models_pass_and_others_need_an_admin():
+    from engine.catalog import require_listed_or_manage
+
+    with acting_as(ANA):
+        require_listed_or_manage("smollm2-135m", set())
+        require_listed_or_manage("ft-mine", {"ft-mine"})
+        with pytest.raises(AccessError):
+            require_listed_or_manage("/tmp/x", {"ft-mine"})
+    with acting_as(ADMIN):
+        require_listed_or_manage("/tmp/x", set())
+
+
+def test_an_admins_folder_model_is_not_reachable_by_a_student(tmp_path, tiny_models):
+    from engine import Workbench
+
+    wb = Workbench(home=tmp_path / "home", device="cpu")
+    with acting_as(ADMIN):
+        wb.load(str(tiny_models["llama"]))
+    with acting_as(ANA), pytest.raises(AccessError):
+        wb.load(str(tiny_models["llama"]))
