@@ -84,3 +84,21 @@ def test_hostile_prompt_renders_as_text(app_server, page, planted):
     assert hits == [], hits
     leaked = [u for u in requests if u.startswith(base) or u.rstrip("/").endswith("/x")]
     assert leaked == [], leaked
+
+
+def test_upload_with_a_path_for_a_name_is_stored_safely(app_server, page, shared_home):
+    """``../../x.csv`` uploaded on the Fine-tune page: stored as uploads/<user>/<sha>-x.csv,
+    parsed and shown, nothing written outside the uploads folder."""
+    rows = "\n".join(f"{t} {i},{lab}" for i in range(8) for t, lab in (("good", "p"), ("bad", "n")))
+    body = ("text,label\n" + rows + "\n").encode()
+    page.goto(app_server + "/finetune")
+    page.get_by_role("heading", name="Fine-tune").first.wait_for()
+    page.locator(".st-key-ft_source").get_by_text("Upload").click()
+    page.locator(".st-key-ft_upload input[type=file]").set_input_files(
+        files=[{"name": "../../x.csv", "mimeType": "text/csv", "buffer": body}]
+    )
+    page.get_by_text("16 rows →").first.wait_for(timeout=60_000)
+    stored = [p for p in (shared_home / "uploads").rglob("*-x.csv") if p.read_bytes() == body]
+    assert len(stored) == 1
+    assert stored[0].parent.parent == shared_home / "uploads"  # uploads/<user>/<sha>-x.csv
+    assert not (shared_home.parent / "x.csv").exists() and not (shared_home / "x.csv").exists()
