@@ -10,6 +10,7 @@ import time
 import pandas as pd
 import streamlit as st
 
+from engine import access
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec, TrainConfig, choose_settings
 from engine.finetune.jobs import RESUMABLE, JobStore
@@ -58,7 +59,8 @@ def results(job_id: str, task: str, result) -> None:
     name = result.model
     if not name:
         st.info("The LoRA adapter is saved in the job folder but not merged into the store.")
-        if st.button("Merge the adapter and store the model", key=f"merge_{job_id}"):
+        may_merge = access.may_control(jobs.get(job_id).owner)  # the owner or an admin
+        if may_merge and st.button("Merge the adapter and store the model", key=f"merge_{job_id}"):
             with ui.guard(), st.spinner("Merging…"):
                 jobs.merge(job_id)
             st.rerun(scope="app")
@@ -91,12 +93,15 @@ def monitor(job_id: str, task: str, title: str) -> None:
     from one snapshot of the job's run."""
     with ui.guard():
         snap = jobs.run(job_id).snapshot()
+        info = jobs.get(job_id)  # owner and place in line ("queued: 2nd in line")
     progress = snap.partial  # FinetuneProgress: the job's own status word, steps, records
     status = progress.status
     icon = {"completed": "✅", "failed": "❌", "cancelled": "⏹️", "interrupted": "⚠️"}.get(
         status, "⏳"
     )
-    st.markdown(f"{icon} **{status}** · job `{job_id}` · {title}")
+    controls = access.may_control(info.owner)  # Cancel / Resume only for the owner or an admin
+    by = "" if info.owner == access.current_user().name else f" · by {info.owner}"
+    st.markdown(f"{icon} **{info.status_label}** · job `{job_id}` · {title}{by}")
     running = not snap.finished
     if progress.total_steps:
         st.progress(
@@ -109,11 +114,12 @@ def monitor(job_id: str, task: str, title: str) -> None:
     if snap.error:
         st.warning(snap.error)
     buttons = st.columns(4)
-    if running and buttons[0].button("Cancel", key=f"cancel_{job_id}"):
+    if controls and running and buttons[0].button("Cancel", key=f"cancel_{job_id}"):
         with ui.guard():
             jobs.cancel(job_id)
         st.rerun(scope="app")
-    if status in RESUMABLE and buttons[0].button("Resume", key=f"resume_{job_id}", type="primary"):
+    resumable = controls and status in RESUMABLE
+    if resumable and buttons[0].button("Resume", key=f"resume_{job_id}", type="primary"):
         with ui.guard():
             jobs.resume(job_id)
         st.rerun(scope="app")
@@ -137,7 +143,8 @@ still_monitor = st.fragment(monitor)
 
 # --- jobs -------------------------------------------------------------------------------
 st.subheader("Jobs")
-all_jobs = jobs.list()
+with ui.guard():
+    all_jobs = jobs.list()  # only the jobs this user may read (engine.access)
 if all_jobs:
     by_id = {j.id: j for j in all_jobs}
     if st.session_state.get("ft_job") not in by_id:
@@ -146,7 +153,7 @@ if all_jobs:
         "Job",
         list(by_id),
         key="ft_job",
-        format_func=lambda i: f"{i} · {by_id[i].out} · {by_id[i].status}",
+        format_func=lambda i: f"{i} · {by_id[i].out} · {by_id[i].status_label}",
     )
     job = by_id[chosen]
     title = f"{job.task} on `{job.base}` → `{job.out}`"
@@ -157,7 +164,8 @@ if all_jobs:
                 [
                     {
                         "job": j.id,
-                        "status": j.status,
+                        "status": j.status_label,
+                        "owner": j.owner,
                         "task": j.task,
                         "base": j.base,
                         "model": j.out,

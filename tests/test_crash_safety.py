@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 from engine.access import User, acting_as
 from engine.errors import InputError
 from engine.finetune import JobStore
+from engine.finetune import jobs as jobs_module
 from engine.ledger import Ledger
 from engine.store import ModelStore
 from tests.test_finetune_jobs import clf_spec, train_steps
@@ -80,8 +82,11 @@ HALF_WRITER = """
     home, job = Path(sys.argv[1]), Path(sys.argv[2])
     def slow(tmp):
         (tmp / "model.safetensors").write_bytes(b"half") if tmp.is_dir() else tmp.write_bytes(b"h")
-        print("writing", flush=True)
+        with said:  # one whole line per writer
+            sys.stdout.write("writing\\n")
+            sys.stdout.flush()
         time.sleep(600)
+    said = threading.Lock()
     (job / "checkpoints").mkdir(exist_ok=True)
     threading.Thread(target=atomic_write, args=(job / "checkpoints" / "step-0000015.pt", slow),
                      daemon=True).start()
@@ -101,9 +106,13 @@ def test_kill_9_of_server_and_worker_mid_training_then_resume_to_a_clean_store(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    spec = clf_spec(
-        tiny_models["classifier"], clf_data, out="crash-model", epochs=10, checkpoint_every=5
-    )
+    base = tiny_models["classifier"]
+    store = ModelStore(home)  # students tune store models (a folder needs an admin)
+    store.write(
+        "tiny-clf", lambda tmp: shutil.copytree(base, tmp, dirs_exist_ok=True),
+        kind="classifier", source="test", licence="test",
+    )  # fmt: skip
+    spec = clf_spec("tiny-clf", clf_data, out="crash-model", epochs=10, checkpoint_every=5)
     server = python(SERVER, home, json.dumps(spec.to_dict()))
     job_id = server.stdout.readline().strip()
     assert job_id, "the server did not submit the job"
@@ -132,7 +141,7 @@ def test_kill_9_of_server_and_worker_mid_training_then_resume_to_a_clean_store(
     checkpoints = sorted(p.name for p in (killed.folder / "checkpoints").glob("step-*.pt"))
     assert checkpoints and checkpoints[-1] >= "step-0000010.pt"
     resume_from = int(checkpoints[-1][5:12])
-    assert ModelStore(home).names() == set()
+    assert ModelStore(home).names() == {"tiny-clf"}
 
     # a writer killed halfway through a checkpoint and a store entry leaves temporaries
     half = python(HALF_WRITER, home, str(home), str(killed.folder))
@@ -164,7 +173,7 @@ def test_kill_9_of_server_and_worker_mid_training_then_resume_to_a_clean_store(
     assert train_steps(JobStore(home), job_id) == list(range(1, 41))
     assert f"Resumed from step-{resume_from:07d}.pt" in log
     store = ModelStore(home)
-    assert store.names() == {"crash-model"} and store.verify("crash-model")
+    assert store.names() == {"tiny-clf", "crash-model"} and store.verify("crash-model")
     manifest = store.get("crash-model").manifest
     assert manifest.extra["steps"] == 40 and manifest.extra["owner"] == "ana"
     assert manifest.source == f"finetune:{job_id}"
@@ -287,3 +296,56 @@ def test_a_second_append_of_a_recorded_id_leaves_its_result_untouched(tmp_path):
     assert json.loads(ledger.result_file(first).read_text()) == {"p": "first"}
     assert ledger.verify().ok
     assert list(ledger.staging.iterdir()) == []
+
+
+# kill -9 of the worker at an exact point of saving: right after the store entry is in place,
+# or after result.json too, before the run is in the ledger
+AT_SAVE = """
+    import os, signal, sys
+    import engine.finetune.train as train
+    from engine.finetune import worker
+    point = sys.argv[2]
+    if point == "stored":
+        real = train.ModelStore.write
+        def write_then_die(self, *a, **k):
+            real(self, *a, **k)
+            os.kill(os.getpid(), signal.SIGKILL)
+        train.ModelStore.write = write_then_die
+    else:
+        train.record_in_ledger = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    worker.main([sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("point", ["stored", "result-written"])
+def test_kill_9_while_saving_then_resume_finishes_the_books(
+    point, tmp_path, tiny_models, clf_data, monkeypatch
+):
+    home = tmp_path / "home"
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    monkeypatch.setenv("WORKBENCH_DEVICE", "cpu")
+    jobs = JobStore(home)
+    with acting_as(User("root", "admin")):
+        job = jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="saved"), False)
+    proc = python(AT_SAVE, home, job.id, point)
+    assert proc.wait(120) == -signal.SIGKILL
+    killed = jobs.get(job.id)
+    assert killed.status == "interrupted"
+    assert ModelStore(home).names() == {"saved"}  # the entry is whole: written atomically
+    assert (killed.folder / "result.json").exists() == (point == "result-written")
+    assert Ledger(home).records() == []
+
+    started = set(jobs_module._children)
+    done = jobs.resume(job.id)  # nothing to train again: the books are finished here
+    assert done.status == "completed"
+    assert set(jobs_module._children) == started
+    result = jobs.result(job.id)
+    store = ModelStore(home)
+    assert result.model == "saved" and result.fingerprint == store.get("saved").manifest.fingerprint
+    assert store.verify("saved") and temp_leftovers(home) == []
+    assert not (killed.folder / "checkpoints").exists()  # the resume point is not needed
+    [record] = Ledger(home).records()
+    assert record.operation == "finetune" and record.user == "root"
+    assert record.spec["job_id"] == job.id and Ledger(home).verify().ok
+    with pytest.raises(InputError, match="only interrupted, failed or cancelled"):
+        jobs.resume(job.id)

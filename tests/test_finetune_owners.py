@@ -32,6 +32,22 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+def stored_base(home, folder) -> str:
+    """The tiny classifier as a store entry (students may tune store models, not folders)."""
+    import shutil
+
+    store = ModelStore(home)
+    if BASE not in store.names():
+        store.write(
+            BASE, lambda tmp: shutil.copytree(folder, tmp, dirs_exist_ok=True),
+            kind="classifier", source="test", licence="test",
+        )  # fmt: skip
+    return BASE
+
+
+BASE = "tiny-clf"
+
+
 def test_ordinals():
     assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 103, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "103rd", "111th",
@@ -43,10 +59,14 @@ def test_jobs_are_seen_and_controlled_by_their_owner_and_the_roles_that_may(
 ):
     jobs = JobStore(home)
     with acting_as(ANA):
-        mine = jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="ana-model"), False)
+        mine = jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="ana-model"), False
+        )
     assert mine.owner == "ana"
     with acting_as(BEN):
-        theirs = jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="ben-model"), False)
+        theirs = jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="ben-model"), False
+        )
 
     # students see only their own jobs; reading another's is refused, whatever the call
     with acting_as(BEN):
@@ -61,7 +81,10 @@ def test_jobs_are_seen_and_controlled_by_their_owner_and_the_roles_that_may(
             jobs.set_status(mine.id, "failed", "forged")
         # the store name another user's job produces is refused without naming that job
         with pytest.raises(Exception, match="Another user's job is already producing 'ana-model'"):
-            jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="ana-model"), False)
+            jobs.submit(
+                clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="ana-model"),
+                False,
+            )
     assert JobStore(home).get(mine.id).status == "interrupted"  # (local admin) untouched
 
     # instructors and auditors read every job but control only their own
@@ -72,7 +95,9 @@ def test_jobs_are_seen_and_controlled_by_their_owner_and_the_roles_that_may(
             with pytest.raises(AccessError, match="only its owner or an admin"):
                 jobs.delete(mine.id)
     with acting_as(AUDREY), pytest.raises(AccessError, match="Auditors may not fine-tune"):
-        jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="audit"), False)
+        jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="audit"), False
+        )
 
     # admins control every job; the owner controls their own
     with acting_as(ADMIN):
@@ -87,13 +112,17 @@ def test_with_login_required_nobody_reads_or_submits_jobs(home, tiny_models, clf
     monkeypatch.setenv("WORKBENCH_AUTH", "required")
     jobs = JobStore(home)
     with acting_as(ANA):
-        job = jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="ana-model"), False)
+        job = jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="ana-model"), False
+        )
     with pytest.raises(AccessError, match="Log in first"):
         jobs.list()
     with pytest.raises(AccessError, match="Log in first"):
         jobs.get(job.id)
     with pytest.raises(AccessError, match="Log in first"):
-        jobs.submit(clf_spec(tiny_models["classifier"], clf_data, out="anon"), False)
+        jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="anon"), False
+        )
 
 
 def test_an_older_job_table_gets_owners_local(home):
@@ -142,7 +171,9 @@ def test_the_lane_queues_jobs_by_priority_and_the_finishing_worker_starts_the_ne
     assert jobs.max_jobs() == 1
 
     def spec(out: str):
-        return clf_spec(tiny_models["classifier"], clf_data, out=out, max_steps=12)
+        return clf_spec(
+            stored_base(home, tiny_models["classifier"]), clf_data, out=out, max_steps=12
+        )
 
     first = jobs.submit(spec("lane-first"))  # local admin: takes the only slot
     assert first.active and first.position is None
@@ -214,3 +245,135 @@ def test_the_lane_queues_jobs_by_priority_and_the_finishing_worker_starts_the_ne
         "lane-first": "local", "lane-ida": "ida", "lane-ana": "ana", "lane-ben": "ben",
     }  # fmt: skip
     assert jobs.set_max_jobs(None) == 1  # back to WORKBENCH_MAX_JOBS / the default
+
+
+# --- the Fine-tune page -------------------------------------------------------------------
+
+HOLDER = """
+    import sys, time
+    from engine.finetune import JobStore
+    JobStore(sys.argv[1]).attach(sys.argv[2])  # a worker started by hand holds the slot
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_page_shows_a_user_their_jobs_their_place_in_line_and_only_their_buttons(
+    home, tiny_models, clf_data, monkeypatch
+):
+    import subprocess
+    import sys
+    import textwrap
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from engine.auth import UserStore
+    from tests.conftest import REPO
+    from tests.test_auth_page import PASSWORD, _log_in
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    monkeypatch.setenv("WORKBENCH_AUTH", "required")
+    jobs = JobStore(home)
+    with acting_as(ADMIN):
+        users = UserStore(home)
+        users.add("ana", "student", PASSWORD)
+        users.add("ida", "instructor", PASSWORD)
+        held = jobs.submit(
+            clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="held"), False
+        )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER), str(home), held.id],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with acting_as(ANA):
+            mine = jobs.submit(
+                clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ana")
+            )
+        with acting_as(BEN):
+            theirs = jobs.submit(
+                clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ben")
+            )
+        assert (mine.position, theirs.position) == (1, 2)
+
+        st.cache_resource.clear()
+        at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
+        _log_in(at, "ana", PASSWORD)
+        at.switch_page("../pages/finetune.py").run()
+        assert not at.exception, at.exception
+        assert at.selectbox(key="ft_job").options == [f"{mine.id} · page-ana · queued: 1st in line"]
+        assert any("**queued: 1st in line**" in m.value for m in at.markdown)
+        keys = {b.key for b in at.button}
+        assert f"cancel_{mine.id}" in keys and f"cancel_{theirs.id}" not in keys
+        at.button(key=f"cancel_{mine.id}").click().run()  # leaves the line
+        assert not at.exception, at.exception
+        assert any("**cancelled**" in m.value for m in at.markdown)
+        assert f"resume_{mine.id}" in {b.key for b in at.button}
+
+        st.cache_resource.clear()
+        at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
+        _log_in(at, "ida", PASSWORD)
+        at.switch_page("../pages/finetune.py").run()
+        assert not at.exception, at.exception
+        options = at.selectbox(key="ft_job").options
+        assert options[0] == f"{theirs.id} · page-ben · queued: 1st in line"  # ben moved up
+        assert {o.split(" · ")[0] for o in options} == {held.id, mine.id, theirs.id}
+        assert any("by ben" in m.value for m in at.markdown)
+        keys = {b.key for b in at.button}  # instructors read every job, control none of these
+        assert not {k for k in keys if k and k.startswith(("cancel_", "resume_"))}, keys
+    finally:
+        holder.kill()
+        holder.wait(10)
+        with acting_as(ADMIN):
+            jobs.cancel(theirs.id)  # nothing left to start once the slot frees
+        st.cache_resource.clear()
+
+
+def test_cli_status_shows_the_place_in_line_and_max_jobs_opens_slots(
+    home, tiny_models, clf_data, monkeypatch, capsys
+):
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import REPO
+    from workbench.cli import main as cli
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    jobs = JobStore(home)
+    held = jobs.submit(
+        clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="held"), False
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER), str(home), held.id],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        args = ["finetune", "--base", str(tiny_models["classifier"]), "--task", "classification",
+                "--data", str(clf_data), "--out", "cli-queued", "--no-wait", "--json"]  # fmt: skip
+        assert cli(args) == 0
+        captured = capsys.readouterr()
+        queued = json.loads(captured.out)
+        assert (queued["status"], queued["position"]) == ("queued", 1)
+        assert f"job {queued['id']} queued: 1st in line" in captured.err
+        assert cli(["finetune", "--status", queued["id"]]) == 1  # not completed (yet)
+        assert f"job {queued['id']} queued: 1st in line:" in capsys.readouterr().err
+        assert cli(["finetune", "--status", held.id, "--json"]) == 1
+        assert json.loads(capsys.readouterr().out)["status"] == "running"
+
+        with acting_as(ANA):  # a student may not change the lane
+            assert cli(["finetune", "--max-jobs", "2"]) == 2
+        assert "Students may not" in capsys.readouterr().err
+        assert cli(["finetune", "--max-jobs", "2"]) == 0  # the local admin
+        assert "up to 2 fine-tuning job(s)" in capsys.readouterr().err
+        started = jobs.get(queued["id"])
+        assert started.position is None and started.active  # took the new slot at once
+        jobs.cancel(queued["id"])
+        assert jobs.wait(queued["id"], timeout_s=60).status == "cancelled"
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert cli(["finetune", "--max-jobs", "0"]) == 0 and jobs.max_jobs() == 1

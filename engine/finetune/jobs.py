@@ -62,7 +62,7 @@ from engine.errors import EngineError, InputError, UnsafeModelError
 from engine.files import atomic_write, atomic_write_json, atomic_write_text
 from engine.finetune import data as ftdata
 from engine.finetune.config import JobSpec
-from engine.finetune.result import FinetuneResult, read_json
+from engine.finetune.result import FinetuneResult, read_json, record_in_ledger
 from engine.finetune.run import JobRun
 from engine.store import ModelStore, weight_files, workbench_home
 
@@ -657,12 +657,18 @@ class JobStore:
             if manifest.source != f"finetune:{job_id}":
                 raise InputError(f"{info.out!r} is already in the store: nothing to resume.")
             # killed after the atomic store write, before it was marked done: finish the books
-            if self.result(job_id) is None:
+            # (the result file and the ledger record, each written once, as the job's owner)
+            result = self.result(job_id)
+            if result is None:
                 result = _result_from_manifest(job_id, info.out, manifest)
                 atomic_write_json(
                     self.folder(job_id) / "result.json", result.to_dict(), "the job's result"
                 )
+            with access.acting_as(User(row["owner"], row["owner_role"])):
+                seconds = manifest.created - info.created if manifest.created else None
+                record_in_ledger(self.home, self._spec(job_id).to_dict(), result, seconds)
             self._set_status(job_id, "completed", expect=(*ACTIVE, *RESUMABLE))
+            shutil.rmtree(self.folder(job_id) / "checkpoints", ignore_errors=True)
             return self.get(job_id)
         return self.launch(job_id)
 

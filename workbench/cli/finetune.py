@@ -5,7 +5,8 @@ Runs the job in its own process (as the page does), shows progress on stderr and
 stdout. ``--data`` also takes a shipped sample name (sentiment, instructions, stories).
 Epochs, batch size and learning rate left out are chosen from the data size (printed, and under
 ``settings`` in the JSON, with the reason). ``--status JOB_ID`` shows one job (its one-line
-error when it failed); the global
+error when it failed, its place in line while it waits for a training slot); ``--max-jobs N``
+lets N jobs train at once on this machine (admins); the global
 ``workbench --allow-pickle finetune ...`` lets a base folder with pickled weights load.
 """
 
@@ -79,7 +80,7 @@ def _report(jobs: JobStore, info, as_json: bool) -> int:
         print(f"job {info.id} completed: {where}")
     elif info.active:
         steps = f" step {info.step}/{info.total_steps}" if info.total_steps else ""
-        print(f"job {info.id} {info.status}:{steps} {info.message}".rstrip(), file=sys.stderr)
+        print(f"job {info.id} {info.status_label}:{steps} {info.message}".rstrip(), file=sys.stderr)
     else:
         print(f"job {info.id} {info.status}: {info.error or ''}".rstrip(": "), file=sys.stderr)
     return 0 if info.status == "completed" else 1
@@ -97,6 +98,10 @@ def _follow(jobs: JobStore, job_id: str, as_json: bool) -> int:
 
 def finetune(args, _extra) -> int:
     jobs = JobStore()
+    if args.max_jobs is not None:
+        n = jobs.set_max_jobs(args.max_jobs or None)
+        print(f"up to {n} fine-tuning job(s) train at once; more wait in line", file=sys.stderr)
+        return 0
     if args.status:
         return _report(jobs, jobs.get(args.status), args.json)
     if args.merge:
@@ -140,7 +145,8 @@ def finetune(args, _extra) -> int:
         allow_pickle=bool(getattr(args, "allow_pickle", False)),  # workbench --allow-pickle
     )
     info = jobs.submit(spec)
-    print(f"job {info.id} started (folder {info.folder})", file=sys.stderr)
+    how = info.status_label if info.waiting else "started"
+    print(f"job {info.id} {how} (folder {info.folder})", file=sys.stderr)
     settings = _settings(jobs, info.id)
     if settings:
         print(f"settings: {settings['why']}", file=sys.stderr)
@@ -150,6 +156,7 @@ def finetune(args, _extra) -> int:
                 {
                     "id": info.id,
                     "status": info.status,
+                    "position": info.position,  # place in line while waiting for a slot
                     "folder": str(info.folder),
                     "settings": settings,
                 }
@@ -183,5 +190,9 @@ def register(sub) -> None:
     p.add_argument("--merge", metavar="JOB_ID", help="merge a --no-merge job's adapter, store it")
     p.add_argument("--status", metavar="JOB_ID", help="show a job (and why it failed)")
     p.add_argument("--no-wait", action="store_true", help="start the job and return")
+    p.add_argument(
+        "--max-jobs", type=int, metavar="N",
+        help="let N jobs train at once on this machine (admins; 0: back to WORKBENCH_MAX_JOBS)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="job, metrics and store entry as JSON")
     p.set_defaults(func=finetune)
