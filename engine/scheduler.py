@@ -52,6 +52,7 @@ _SEQ = itertools.count()
 # user name -> thread idents holding a grant or a seat (a Counter: nested grants count twice)
 _ACTIVE: dict[str, Counter[int]] = {}
 _QUEUES: weakref.WeakSet[ModelQueue] = weakref.WeakSet()
+_HANDING_OVER = -1  # holder while a batch passes from its leader to the thread computing it
 
 
 class Batchable(Protocol):
@@ -92,6 +93,34 @@ class Grant:
     started: float = field(default_factory=time.monotonic)
     cost: float = 1.0
     measured: bool = False  # counts towards the seconds-per-cost estimate (a run's work)
+    owner: bool = False  # holds the model for a batch thread (no user seat)
+
+    def hand_over(self) -> Grant:
+        """Pass the model to a thread that computes this grant's batch; returns that thread's
+        grant (``adopt`` it there, and ``release`` it when the batch is done).
+
+        This grant keeps only its user's seat, like a request taken along: its thread may
+        return as soon as its own result is in (a short request or a Stop in a batch with
+        a long one does not wait for the whole batch)."""
+        with _COND:
+            queue = self.queue
+            assert self.ticket is not None and not self.seated and queue.depth == 1
+            batch = Grant(queue, None, self.members, started=self.started, cost=self.cost)
+            batch.measured, batch.owner = self.measured, True
+            self.seated = True
+            queue.seats += 1
+            queue.grant, queue.holder = batch, _HANDING_OVER
+            return batch
+
+    def adopt(self) -> None:
+        """Called by the thread that computes a handed-over batch: it now holds the model."""
+        with _COND:
+            assert self.owner and self.queue.holder == _HANDING_OVER
+            self.queue.holder = threading.get_ident()
+
+    def release(self) -> None:
+        """Release a handed-over batch's hold on the model (from the computing thread)."""
+        self.queue._release(self)
 
     def gather(self, wait_s: float = GATHER_S) -> None:
         """Before computing a batch: wait up to ``wait_s`` for the users served on this model
@@ -185,9 +214,13 @@ class ModelQueue:
             return self.holder is not None or bool(self.waiting) or self.seats > 0
 
     def users_count(self) -> int:
-        """Requests holding, seated on or waiting for this model."""
+        """Requests holding, seated on or waiting for this model (a batch thread's hold
+        counts through the requests seated in it, or as one once they all have results)."""
         with _COND:
-            return (self.holder is not None) + self.seats + len(self.waiting)
+            batch = self.grant is not None and self.grant.owner
+            holding = self.holder is not None and not batch
+            count = holding + self.seats + len(self.waiting)
+            return max(count, 1) if self.holder is not None else count
 
     def waiting_count(self) -> int:
         with _COND:
@@ -284,6 +317,10 @@ class ModelQueue:
 
     def _release(self, grant: Grant) -> None:
         with _COND:
+            if grant.owner:  # a batch thread's hold: no seat
+                self._free(grant)
+                _dispatch_all()
+                return
             if grant.ticket is None:  # a nested use
                 self.depth -= 1
                 return
@@ -295,17 +332,21 @@ class ModelQueue:
                 self.depth -= 1
                 if self.depth > 0:
                     return
-                self.holder, self.grant = None, None
-                if grant.measured:
-                    seconds = time.monotonic() - grant.started
-                    rate = seconds / max(grant.cost, 1.0)
-                    old = self.seconds_per_cost
-                    self.seconds_per_cost = (
-                        rate if old is None else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * old
-                    )
+                self._free(grant)
             grant.ticket.state = "left"
             _drop_seat(grant.ticket.user, grant.ticket.thread)
             _dispatch_all()
+
+    def _free(self, grant: Grant) -> None:
+        """The model is free again; learn its speed from the grant. Under the lock."""
+        self.holder, self.grant, self.depth = None, None, 0
+        if grant.measured:
+            seconds = time.monotonic() - grant.started
+            rate = seconds / max(grant.cost, 1.0)
+            old = self.seconds_per_cost
+            self.seconds_per_cost = (
+                rate if old is None else EWMA_ALPHA * rate + (1 - EWMA_ALPHA) * old
+            )
 
     # --- dispatch (under the lock) -------------------------------------------------------
 

@@ -339,3 +339,29 @@ def test_smollm_batches_give_the_single_request_answers(smollm):
     worst = max(assert_same(a, b, p) for a, b, p in zip(single, batched, texts, strict=True))
     assert max(r.batch_size for r in batched) == 16
     print(f"\nSmolLM2-135M, 30 prompts: max |delta logprob| {worst:.2e}")
+
+
+def test_a_short_request_in_a_batch_returns_without_waiting_for_a_long_one(llama):
+    texts = prompts(2, seed=7)
+    short, long = replace(GREEDY, max_new_tokens=3), replace(GREEDY, max_new_tokens=60)
+    reference = llama.generate(texts[1], long)
+    assert reference.finish_reason == "length"  # this prompt runs to all 60 tokens
+    original = llama.loaded.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.03)  # 60 tokens: at least 1.8 s
+        return original(*args, **kwargs)
+
+    llama.loaded.model.forward = slow_forward
+    try:
+        users = students(2)
+        started = queue_while_held(llama, [(users[0], texts[0], short), (users[1], texts[1], long)])
+        first = started[0].wait(30)  # the leader: its own row is done after 3 tokens
+        assert not started[1].done, "the short request waited for the long one"
+        assert llama.loaded.busy  # the batch thread still holds the model
+        second = started[1].wait(30)
+    finally:
+        del llama.loaded.model.forward
+    assert first.batch_size == 2 == second.batch_size and len(first.tokens) == 3
+    assert_same(reference, second)
+    assert wait_until(lambda: not llama.loaded.busy)

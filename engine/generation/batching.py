@@ -21,10 +21,12 @@ alone (identical seeded requests still share one computation, which is exact).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -95,23 +97,42 @@ class Request:
 def serve(loaded: LoadedModel, request: Request, timeout_s: float = 600.0) -> GenerationResult:
     """Queue ``request`` on ``loaded``'s fair queue and return its result.
 
-    Whoever is granted the model decodes every request taken along; a request taken along
-    waits here for its result. Raises the decode's error (``CancelledError`` for a run
+    A request granted alone is decoded on this thread. A grant that took others along is
+    computed on a batch thread that holds the model until the whole batch is done; every
+    request in it (this one included) returns as soon as its own row is done. Raises the decode's error (``CancelledError`` for a run
     cancelled while it waited in the queue).
     """
     with loaded.queue.use(timeout_s, batch=request) as grant:
         loaded.last_used = time.monotonic()
+        if not grant.seated and request.batch_key == ("greedy",):  # rows can join: worth it
+            with contextlib.suppress(Exception):  # an optimisation: never fail the batch
+                grant.gather()  # the users of the last batch, back with their next request
         if grant.seated:
             request.done.wait()
+        elif len(grant.members) > 1 and grant.ticket is not None:
+            # computed on a batch thread: this request returns when its own row is done
+            _BATCH_THREADS.submit(_compute, loaded, grant.hand_over())
+            request.done.wait()
         else:
-            if request.batch_key == ("greedy",):  # worth waiting for: rows can join
-                grant.gather()  # the users of the last batch, back with their next request
             decode(loaded, grant.members)
         loaded.last_used = time.monotonic()
     if request.error is not None:
         raise request.error
     assert request.result is not None
     return request.result
+
+
+# Threads that compute handed-over batches (kept: a new thread pays torch's start-up).
+_BATCH_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="workbench-batch")
+
+
+def _compute(loaded: LoadedModel, grant) -> None:
+    grant.adopt()
+    try:
+        decode(loaded, grant.members)
+    finally:
+        loaded.last_used = time.monotonic()
+        grant.release()
 
 
 # --- decoding ------------------------------------------------------------------------------
