@@ -188,7 +188,7 @@ def test_waiting_runs_are_told_their_place_and_the_expected_wait_as_the_queue_mo
     for i in range(3):
         assert wait_until(lambda i=i: f"{ordinal(i + 1)} in line" in message(i)), message(i)
     assert message(0).startswith("Waiting for smollm2-135m: another run is using it")
-    # the blocker (cost 1, outside a run) is not measured: 8 units ahead of the 2nd = 4 s
+    # 8 units ahead of the 2nd at 0.5 s a unit = 4 s (the blocker, cost 1, has < 0.5 s left)
     assert "about 4 s" in message(1) and "about 8 s" in message(2), (message(1), message(2))
     blocker.release()  # u0 runs; u1 and u2 move up
     assert wait_until(lambda: log == ["u0"])
