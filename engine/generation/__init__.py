@@ -9,6 +9,7 @@ logits hooks), ``batching`` (concurrent requests decoded together, identical one
 and ``comparison`` (one prompt on several models).
 """
 
+from engine.generation.batching import generate, run_generation
 from engine.generation.chat import ChatMessage, conversation, render_chat
 from engine.generation.core import (
     GENERATIVE_KINDS,
@@ -16,11 +17,9 @@ from engine.generation.core import (
     GenerationSettings,
     Prepared,
     context_length,
-    generate,
     parse_seed,
     parse_stop_sequences,
     prepare,
-    run_generation,
     settings_dict,
 )
 from engine.generation.decoding import Alternative, TokenStep

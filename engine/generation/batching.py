@@ -23,28 +23,31 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from engine.errors import CancelledError
+from engine.generation.chat import ChatMessage
 from engine.generation.core import (
     GenerationResult,
     GenerationSettings,
     Prepared,
     _eos_ids,
     generate_kwargs,
+    prepare,
 )
 from engine.generation.cpu_speed import onednn_linears
 from engine.generation.decoding import Observer, TokenStep
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 
-__all__ = ["Request", "batching_enabled", "serve"]
+__all__ = ["Request", "batching_enabled", "generate", "run_generation", "serve"]
 
 ENV = "WORKBENCH_BATCHING"
 
@@ -120,6 +123,36 @@ def serve(loaded: LoadedModel, request: Request, timeout_s: float = 600.0) -> Ge
         raise request.error
     assert request.result is not None
     return request.result
+
+
+def run_generation(
+    loaded: LoadedModel,
+    prepared: Prepared,
+    settings: GenerationSettings,
+    cancel: threading.Event | None = None,
+    on_step: Callable[[TokenStep, str], None] | None = None,
+) -> GenerationResult:
+    """Decode a prepared request through the model's fair queue (``engine.scheduler``).
+
+    Concurrent compatible requests are decoded in one batch and identical ones once
+    (``engine.generation.batching``; the result's ``batch_size`` and ``shared_by`` say so).
+    ``on_step(token, text_so_far)`` is called after every token (possibly from the thread
+    that decodes the batch); setting ``cancel`` ends this request after the current token.
+    """
+    settings = settings.validated()
+    if settings.sampling and settings.seed is None:
+        settings = replace(settings, seed=secrets.randbelow(2**31))
+    return serve(loaded, Request.make(loaded, prepared, settings, cancel, on_step))
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    settings: GenerationSettings,
+    messages: Sequence[ChatMessage] | None = None,
+) -> GenerationResult:
+    """Generate a continuation of ``prompt`` (or a chat reply to ``messages``) with ``settings``."""
+    return run_generation(loaded, prepare(loaded, prompt, settings, messages), settings)
 
 
 # Threads that compute handed-over batches (kept: a new thread pays torch's start-up).

@@ -14,8 +14,9 @@ from dataclasses import dataclass, replace
 
 from engine import runs
 from engine.errors import EngineError, InputError
+from engine.generation.batching import run_generation
 from engine.generation.chat import ChatMessage
-from engine.generation.core import GenerationResult, GenerationSettings, prepare, run_generation
+from engine.generation.core import GenerationResult, GenerationSettings, prepare
 from engine.provenance import Provenance
 from engine.results import Result
 

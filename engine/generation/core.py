@@ -1,10 +1,12 @@
 """Text generation on a loaded model: settings in, a typed ``GenerationResult`` out.
 
     prepared = prepare(loaded, "The capital of France is", settings)   # validate + tokenize
-    result = run_generation(loaded, prepared, settings)                # decode (holds the lock)
+    result = run_generation(loaded, prepared, settings)                # decode (fair queue)
 
-``generate(loaded, prompt, settings)`` does both. ``engine.streaming.start_generation`` runs the
-same decode in a worker thread that streams tokens and can be cancelled.
+``run_generation`` and ``generate(loaded, prompt, settings)`` (both) live in
+``engine.generation.batching``, which decodes concurrent requests together;
+``engine.generation.streaming.start_generation`` runs the decode as a run that streams tokens and
+can be cancelled.
 
 Decoding is ``transformers``' own ``generate`` with small hooks (``engine.generation.decoding``), so greedy
 output is that of plain ``model.generate``. Log-probabilities are those of the model's own
@@ -19,9 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import secrets
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -41,9 +41,8 @@ __all__ = [
     "Prepared",
     "TokenStep",
     "context_length",
-    "generate",
+    "generate_kwargs",
     "prepare",
-    "run_generation",
 ]
 
 MAX_NEW_TOKENS = 8192
@@ -334,38 +333,6 @@ def generate_kwargs(
         "pad_token_id": tokenizer.pad_token_id,
     }
     return kwargs, recorder
-
-
-def run_generation(
-    loaded: LoadedModel,
-    prepared: Prepared,
-    settings: GenerationSettings,
-    cancel: threading.Event | None = None,
-    on_step: Callable[[TokenStep, str], None] | None = None,
-) -> GenerationResult:
-    """Decode a prepared request through the model's fair queue (``engine.scheduler``).
-
-    Concurrent compatible requests are decoded in one batch and identical ones once
-    (``engine.generation.batching``; the result's ``batch_size`` and ``shared_by`` say so).
-    ``on_step(token, text_so_far)`` is called after every token (possibly from the thread
-    that decodes the batch); setting ``cancel`` ends this request after the current token.
-    """
-    from engine.generation.batching import Request, serve
-
-    settings = settings.validated()
-    if settings.sampling and settings.seed is None:
-        settings = replace(settings, seed=secrets.randbelow(2**31))
-    return serve(loaded, Request.make(loaded, prepared, settings, cancel, on_step))
-
-
-def generate(
-    loaded: LoadedModel,
-    prompt: str,
-    settings: GenerationSettings,
-    messages: Sequence[ChatMessage] | None = None,
-) -> GenerationResult:
-    """Generate a continuation of ``prompt`` (or a chat reply to ``messages``) with ``settings``."""
-    return run_generation(loaded, prepare(loaded, prompt, settings, messages), settings)
 
 
 def settings_dict(settings: GenerationSettings) -> dict:

@@ -15,14 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import runs
+from engine.generation.batching import run_generation
 from engine.generation.chat import ChatMessage
-from engine.generation.core import (
-    GenerationResult,
-    GenerationSettings,
-    Prepared,
-    prepare,
-    run_generation,
-)
+from engine.generation.core import GenerationResult, GenerationSettings, Prepared, prepare
 from engine.generation.decoding import TokenStep
 from engine.manager import LoadedModel
 
