@@ -205,7 +205,12 @@ def require_run() -> User:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request or one user may use. Sizes in tokens or bytes, rates per minute."""
+    """What one request or one user may use. Sizes in tokens or bytes, rates per minute.
+
+    A limit of 0 allows none (e.g. ``concurrent_jobs = 0``: this role may not train). The
+    implicit local user (``LOCAL``: no login, a laptop, the CLI) is not limited at all
+    (``engine.runs.enforced_limits``); named users, admins included, are.
+    """
 
     max_new_tokens: int = 2048
     max_input_tokens: int = 8192
@@ -288,7 +293,8 @@ def check_limit(value: int, limit: int, what: str, unit: str) -> None:
     """``LimitError`` when ``value`` exceeds ``limit``: "... at most N unit for a ROLE"."""
     if value > limit:
         role = current_user().role
+        article = "an" if role[0] in "aeiou" else "a"
         raise LimitError(
-            f"{what} is {value:,} {unit}; a {role} may use at most {limit:,} {unit} "
+            f"{what} is {value:,} {unit}; {article} {role} may use at most {limit:,} {unit} "
             "(limits.toml sets this)."
         )

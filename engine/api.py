@@ -80,7 +80,8 @@ class Model:
 
     @property
     def loaded(self) -> LoadedModel:
-        """The underlying shared model (use its lock: ``with model.loaded.use(): ...``)."""
+        """The underlying shared model (``with model.loaded.use(): ...`` takes a turn in its
+        fair queue)."""
         return self._loaded
 
     def info(self) -> ModelInfo:
@@ -127,11 +128,9 @@ class Model:
     @_recorded
     def start_perplexity(self, text: str) -> Run:
         """Perplexity of ``text`` as a run (result: ``PerplexityResult``)."""
-        from engine.generation.evaluation import perplexity
+        from engine.generation.evaluation import start_perplexity
 
-        loaded = self._loaded
-        spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, "text": text}
-        return runs.start("perplexity", lambda _ctx: perplexity(loaded, text), spec=spec)
+        return start_perplexity(self._loaded, text)
 
     def perplexity(self, text: str):
         """Perplexity of ``text`` under this (causal) model: ``PerplexityResult``."""
@@ -140,11 +139,9 @@ class Model:
     @_recorded
     def start_classification(self, text: str, max_length: int = 512) -> Run:
         """``classify`` as a run (result: ``ClassificationResult``)."""
-        from engine.classification import classify
+        from engine.classification import start_classification
 
-        loaded = self._loaded
-        spec = {"model": loaded.name, "fingerprint": loaded.fingerprint, "text": text}
-        return runs.start("classify", lambda _ctx: classify(loaded, text, max_length), spec=spec)
+        return start_classification(self._loaded, text, max_length)
 
     def classify(self, text: str, max_length: int = 512):
         """Label and class probabilities of ``text`` (classifier models, e.g. a fine-tuned
@@ -326,10 +323,12 @@ class Workbench:
             user=run.user.name,
         )
 
-    def unload(self, name: str) -> None:
-        """Free a loaded model's memory (admins)."""
+    def unload(self, name: str, wait_s: float = 0.0) -> None:
+        """Free a loaded model's memory (admins). While runs hold or wait for it: EngineError
+        "NAME is in use by N runs; try again when they finish" (after waiting up to
+        ``wait_s`` seconds)."""
         access.require("models.manage")
-        self.manager.unload(name)
+        self.manager.unload(name, wait_s)
 
     def loaded(self) -> list[ModelInfo]:
         return [m.info() for m in self.manager.loaded()]

@@ -37,6 +37,14 @@ def labels_of(loaded: LoadedModel) -> list[str]:
     return [str(id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
 
 
+def model_positions(loaded: LoadedModel, max_length: int) -> int:
+    """``max_length`` capped at the positions the model has (longer input would crash it)."""
+    positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0 and isinstance(max_length, int):
+        return min(max_length, positions)
+    return max_length
+
+
 def start_classification(
     loaded: LoadedModel, text: str, max_length: int = 512
 ) -> runs.Run[ClassificationResult]:
@@ -55,7 +63,8 @@ def start_classification(
     n = None
     if isinstance(text, str) and text.strip() and isinstance(max_length, int) and max_length > 0:
         try:
-            n = len(loaded.encode(text, truncation=True, max_length=max_length)["input_ids"])
+            cut = model_positions(loaded, max_length)
+            n = len(loaded.encode(text, truncation=True, max_length=cut)["input_ids"])
         except Exception:  # the run meets it again and reports it
             n = None
     limits = runs.enforced_limits()
@@ -75,7 +84,8 @@ def classify(loaded: LoadedModel, text: str, max_length: int = 512) -> Classific
             f"{loaded.name} is a {loaded.kind} model, not a classifier: fine-tune one on the "
             "Fine-tune page (task: classification) and pick it."
         )
-    encoded = loaded.encode(text, truncation=True, max_length=max_length, return_tensors="pt")
+    cut = model_positions(loaded, max_length)
+    encoded = loaded.encode(text, truncation=True, max_length=cut, return_tensors="pt")
     with loaded.use(), torch.inference_mode():
         logits = loaded.model(**encoded.to(loaded.device)).logits[0].float().cpu()
     probs = torch.softmax(logits, dim=-1).numpy()

@@ -402,6 +402,12 @@ class RunContext:
             self.cancel_event.set()
         return self.cancel_event.is_set()
 
+    @property
+    def cost(self) -> float:
+        """The run's scheduling cost (``engine.scheduler``); 1.0 once nobody holds the run."""
+        run = self._run_ref()
+        return float(run.cost) if run is not None else 1.0
+
     def check(self) -> None:
         """Raise ``CancelledError`` when the run was cancelled."""
         if self.cancelled:

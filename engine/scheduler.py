@@ -183,8 +183,7 @@ def _current_cost() -> tuple[float, bool]:
     context = runs.current()
     if context is None:
         return 1.0, False
-    run = context._run_ref()  # the context holds its run weakly
-    return (float(getattr(run, "cost", 1.0)) if run is not None else 1.0), True
+    return context.cost, True
 
 
 class ModelQueue:

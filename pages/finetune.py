@@ -291,10 +291,11 @@ kinds = ("encoder", "classifier") if task == "classification" else ("causal-lm",
 bases = [e.name for e in wb.catalog() if e.kind in kinds and e.installed]
 m = st.columns(2)
 base = m[0].selectbox("Base model", bases, key=f"ft_base_{task}") if bases else ""
-other = m[0].text_input(
-    "…or a local model folder", key="ft_base_other", placeholder="/path/to/model"
-)
-base = other.strip() or base
+if ui.can("models.manage"):  # a folder reaches the file system: admins only
+    other = m[0].text_input(
+        "…or a local model folder", key="ft_base_other", placeholder="/path/to/model"
+    )
+    base = other.strip() or base
 if "ft_out" not in st.session_state:
     st.session_state["ft_out"] = f"ft-{time.strftime('%m%d-%H%M%S')}"
 out = m[1].text_input("Save as (store name)", key="ft_out")

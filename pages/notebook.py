@@ -9,10 +9,12 @@ every result is kept in the run ledger and shown again after a restart without r
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import streamlit as st
 
+from engine.html import text_html
 from workbench import renderers, ui
 
 RUN = "nb_run"  # the cell run or Run all going on (one at a time per session)
@@ -469,7 +471,7 @@ def cell_header(position: int, cell) -> None:
     st.markdown(
         f"**{position}. {KIND_LABELS.get(cell.kind, cell.kind)}** "
         + " ".join(badges)
-        + (f"  \n<small>uses {refs}</small>" if refs else ""),
+        + (f"  \n<small>uses {text_html(refs)}</small>" if refs else ""),
         unsafe_allow_html=True,
     )
 
@@ -549,7 +551,8 @@ def collected_view(cell) -> None:
 def cell_result_view(cell) -> None:
     """A cell's note, or its error, stored result and reproduce verdict."""
     if cell.kind == "markdown":
-        st.markdown(cell.spec.get("text", ""))
+        # A note may come from a pushed or imported notebook: no remote images load from it.
+        st.markdown(re.sub(r"!(?=\[)", r"\\!", cell.spec.get("text", "")))
         return
     if cell.kind == "collect":
         collected_view(cell)

@@ -73,7 +73,7 @@ def test_serve_applies_the_project_config_from_another_folder(tmp_path, monkeypa
     env = {**env, "HOME": str(tmp_path)}  # no user-level ~/.streamlit/config.toml
     assert (
         Path(cwd) == REPO
-        and Path(command[command.index("run") + 1]) == REPO / "workbench" / "app.py"
+        and Path(command[command.index("run") + 1]) == REPO / "workbench" / "http" / "asgi.py"
     )
     flag = command.index("--runner.postScriptGC")
     assert command[flag + 1] == "false" and flag < command.index("--server.port")

@@ -114,16 +114,11 @@ def test_perplexity_and_attention(llama, text):
 
 
 @SETTINGS
-@given(text=TEXT.filter(lambda t: len(t) < 300))  # longer: see the xfail below
+@given(text=TEXT)
 def test_classification(classifier, text):
     outcome(classifier.classify, text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/classification.py truncates to max_length=512, not to the model's 128 "
-    "positions: a RuntimeError from the position embeddings (fix in that module)",
-)
 def test_classification_longer_than_the_models_positions(classifier):
     outcome(classifier.classify, "the " * 400)
 

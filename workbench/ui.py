@@ -83,8 +83,11 @@ def page_needs(action: str, why: str = RUN_REFUSED) -> None:
 
 
 def show_error(message: str) -> None:
-    """A one-line error on the page without stopping it (e.g. a worker thread's failure)."""
-    st.error(message, icon="⚠️")
+    """A one-line error on the page without stopping it (e.g. a worker thread's failure).
+    Messages quote user text (names, labels): shown literally, never as Markdown."""
+    from engine.html import markdown_literal
+
+    st.error(markdown_literal(message), icon="⚠️")
 
 
 POLL_S = 0.5  # how often a page redraws a running run (the view needs no more)

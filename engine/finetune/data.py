@@ -142,7 +142,7 @@ def read_table(source: str | Path, data: bytes | None = None) -> Table:
     """Read a CSV (header row), JSONL (one object a line) or TXT file (paragraphs separated by
     blank lines, else lines) into a ``Table``. ``data`` gives the bytes of an upload named
     ``source``."""
-    name = Path(source).name
+    name = " ".join(Path(source).name.split())[:80]  # shown in one-line messages
     suffix = Path(source).suffix.lower()
     if suffix not in FORMATS:
         raise InputError(
@@ -429,12 +429,19 @@ def safe_name(name: str, default: str = "upload") -> str:
 
 def check_upload_size(size: int, name: str) -> None:
     """``LimitError`` when an upload of ``size`` bytes is over the acting user's upload limit
-    (``engine.access.limits_for().upload_bytes``); call it before reading the bytes."""
-    limit = access.limits_for().upload_bytes
+    (``engine.access.limits_for().upload_bytes``; the local user has none); call it before
+    reading the bytes."""
+    from engine.runs import enforced_limits
+
+    limits = enforced_limits()
+    if limits is None:
+        return
+    limit = limits.upload_bytes
     if size > limit:
         role = access.current_user().role
+        article = "an" if role[0] in "aeiou" else "a"
         raise access.LimitError(
-            f"{safe_name(name)} is {size / 2**20:.1f} MiB; a {role} may upload at most "
+            f"{safe_name(name)} is {size / 2**20:.1f} MiB; {article} {role} may upload at most "
             f"{limit / 2**20:.1f} MiB (limits.toml sets this): use a smaller file."
         )
 

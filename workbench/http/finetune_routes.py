@@ -45,7 +45,7 @@ def _jobs(call: Call):
 def _get(jobs, job_id: str):
     try:
         return jobs.get(job_id)
-    except (InputError, KeyError) as exc:
+    except (InputError, KeyError, access.AccessError) as exc:  # another's job reads as missing
         raise not_found(f"No fine-tune job {job_id!r}.", "job_not_found") from exc
 
 
