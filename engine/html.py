@@ -29,7 +29,10 @@ _SCRIPT_UNSAFE = {
     "\u2028": "\\u2028",
     "\u2029": "\\u2029",
 }
-_MARKDOWN_SPECIAL = set("\\`*_{}[]()#+-.!|<>~$:&=\"'")
+# What can make Markdown fetch, link, emphasise, format or run anything (links and images need
+# "[" and "!", HTML needs "<", directives such as :red[...] need "["); punctuation that only
+# matters at the start of a line (#, -, +, 1.) is left as it is, so messages read normally.
+_MARKDOWN_SPECIAL = set("\\`*_{}[]!|<>~$&")
 
 
 def script_json(value: Any, **dumps_kwargs: Any) -> str:
