@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -133,54 +135,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(shared_home):
-    """The real app served by Streamlit on a free local port; yields its base URL."""
-    import subprocess
-    import sys
+@contextlib.contextmanager
+def served_workbench(
+    home: Path,
+    *flags: str,
+    ready: str = "/_stcore/health",
+    name: str = "server",
+    env: dict | None = None,
+    timeout_s: float = 90.0,
+) -> Iterator[str]:
+    """``workbench serve FLAGS`` on a free local port over ``home``; yields its base URL once
+    ``ready`` answers 200, stops the server afterwards. Its output goes to
+    ``artifacts/NAME-PORT.log``. ``env``: extra environment (``WORKBENCH_AUTH`` is never
+    inherited: ``serve`` decides it)."""
     import time
     import urllib.request
 
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(shared_home), "WORKBENCH_DEVICE": "cpu"}
+    environment = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_DEVICE": "cpu"}
+    environment.pop("WORKBENCH_AUTH", None)
+    environment.update(env or {})
     ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"streamlit-{port}.log"
+    log = ARTIFACTS / f"{name}-{port}.log"
+    command = [sys.executable, "-m", "workbench.cli", "serve", *flags]
+    command += ["--server.address", "127.0.0.1", "--server.port", str(port)]
+    command += ["--server.headless", "true"]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                "workbench/app.py",
-                "--server.port",
-                str(port),
-                "--server.address",
-                "127.0.0.1",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(command, cwd=REPO, env=environment, stdout=fh, stderr=fh)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=1) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.terminate()
-        pytest.fail(f"Streamlit did not answer on {url} within 60 s; see {log}")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"workbench serve exited with {proc.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(url + ready, timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+            if time.monotonic() > deadline:
+                pytest.fail(f"workbench serve did not answer on {url} within {timeout_s} s; {log}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app_server(shared_home):
+    """The real app (``workbench serve``) on a free local port; yields its base URL."""
+    with served_workbench(shared_home, name="streamlit") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

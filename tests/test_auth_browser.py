@@ -4,60 +4,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import ARTIFACTS, REPO, _free_port
+from tests.conftest import ARTIFACTS, served_workbench
 
 pytestmark = pytest.mark.browser
 
 PASSWORD = "correct horse battery"
-
-
-def _serve(home: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """``workbench serve --auth`` on a free local port (login required on localhost too)."""
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_DEVICE": "cpu"}
-    env.pop("WORKBENCH_AUTH", None)  # `serve --auth` must set it for the served process
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"auth-server-{port}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "serve", "--auth"]
-            + ["--server.address", "127.0.0.1", "--server.port", str(port), *extra],
-            cwd=REPO,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"workbench serve exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.2)
-    proc.terminate()
-    pytest.fail(f"workbench serve did not answer on {url} within 60 s; see {log}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _nav_titles(page) -> list[str]:
@@ -75,9 +31,8 @@ def accounts_server(tmp_path_factory):
     with acting_as(LOCAL):
         UserStore(home).add("ana", "student", PASSWORD)
         UserStore(home).add("audrey", "auditor", PASSWORD)
-    proc, url = _serve(home)
-    yield url
-    _stop(proc)
+    with served_workbench(home, "--auth", name="auth-server") as url:
+        yield url
 
 
 def _log_in(page, url: str, name: str, password: str) -> None:
@@ -153,9 +108,9 @@ def oidc_server(oidc_provider, tmp_path):
         'oidc_label = "Mock ID"\n'
         'oidc_default_role = "auditor"\n'
     )
-    proc, url = _serve(home, "--secrets.files", str(secrets))
-    yield url
-    _stop(proc)
+    flags = ("--auth", "--secrets.files", str(secrets))
+    with served_workbench(home, *flags, name="auth-oidc") as url:
+        yield url
 
 
 def test_oidc_login_with_st_login_against_a_mock_provider(oidc_server, oidc_provider, page):

@@ -5,16 +5,13 @@ that leaves its stream."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, _free_port, run_cli
+from tests.conftest import run_cli, served_workbench
 
 pytestmark = pytest.mark.slow
 
@@ -24,35 +21,8 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def served(shared_home):
     """`workbench serve` on a free local port over the shared test store; its base URL."""
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(shared_home), "WORKBENCH_DEVICE": "cpu"}
-    env.pop("WORKBENCH_AUTH", None)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / f"api-server-{port}.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "serve", "--server.port", str(port),
-             "--server.headless", "true", "--server.address", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url + "/v1/openapi.json", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the server did not start")
+    with served_workbench(shared_home, ready="/v1/openapi.json", name="api-server") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_openai_package_streams_a_chat_and_greedy_equals_the_cli(served, shared_home):

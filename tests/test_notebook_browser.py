@@ -5,50 +5,18 @@ cell reproduces exactly; the HTML report shows its figures with the network bloc
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, _free_port
+from tests.conftest import ARTIFACTS, served_workbench
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-@contextmanager
 def served(home):
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_DEVICE": "cpu"}
-    ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / f"notebook-server-{port}.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "serve", "--server.port", str(port),
-             "--server.address", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("the server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return served_workbench(home, name="notebook-server")
 
 
 def ran_cells(page) -> int:
