@@ -3,8 +3,9 @@
 Streamlit forgets a widget's value when its page is not drawn, and a reload starts a new
 session. So, on every script run (called from the app shell, before any page draws):
 
-- the values of the widgets listed in ``KEEP`` are re-assigned to themselves, which keeps them
-  through page changes (Streamlit then treats them as set by the session, not as widget state);
+- the values of the widgets listed in ``KEEP`` are copied to shadow keys (``_kept::<key>``)
+  and written back when Streamlit has dropped them (their page was not drawn), which keeps
+  them through page changes;
 - they, and the ledger ids of the results on screen (``<result key>_run_id``), are saved to
   ``$WORKBENCH_HOME/sessions/<token>.json``, where the token is in the URL (``?s=...``): a reload
   keeps the URL, so a new session finds and restores them; results come back from the run
@@ -52,6 +53,7 @@ KEEP = (
 RESULTS = ("gen_result", "eval_ppl_result", "gen_comparison")
 TOKEN = re.compile(r"[0-9a-f]{24}")
 RESTORED = "_persist_restored"
+SHADOW = "_kept::"  # prefix of the copies that outlive their widgets
 SAVED = "_persist_saved"
 
 
@@ -101,8 +103,15 @@ def keep(home: Path) -> None:
         st.session_state[RESTORED] = True
         _restore(home, path)
         return
+    # Streamlit drops a widget's value when its page is not drawn: bring it back from its
+    # shadow copy then. Live widgets are never re-assigned: a re-assignment re-sends the
+    # value from the server and could undo what the user typed while a run was going.
+    for shadow in [k for k in st.session_state if str(k).startswith(SHADOW)]:
+        key = shadow[len(SHADOW) :]
+        if key not in st.session_state:
+            st.session_state[key] = st.session_state[shadow]
     for key in _kept_keys():
-        st.session_state[key] = st.session_state[key]  # outlives its page (see docstring)
+        st.session_state[SHADOW + key] = st.session_state[key]
     _save(path)
 
 
