@@ -146,14 +146,15 @@ def served_workbench(
 ) -> Iterator[str]:
     """``workbench serve FLAGS`` on a free local port over ``home``; yields its base URL once
     ``ready`` answers 200, stops the server afterwards. Its output goes to
-    ``artifacts/NAME-PORT.log``. ``env``: extra environment (``WORKBENCH_AUTH`` is never
-    inherited: ``serve`` decides it)."""
+    ``artifacts/NAME-PORT.log``. ``env``: extra environment (what ``serve`` decides, login
+    and open access, is never inherited; batching stays at its default)."""
     import time
     import urllib.request
 
     port = _free_port()
     environment = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_DEVICE": "cpu"}
-    environment.pop("WORKBENCH_AUTH", None)
+    for decided_here in ("WORKBENCH_AUTH", "WORKBENCH_NO_AUTH", "WORKBENCH_BATCHING"):
+        environment.pop(decided_here, None)
     environment.update(env or {})
     ARTIFACTS.mkdir(exist_ok=True)
     log = ARTIFACTS / f"{name}-{port}.log"

@@ -19,8 +19,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,7 +26,7 @@ import urllib.request
 import pytest
 from playwright.sync_api import expect
 
-from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, _free_port
+from tests.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, served_workbench
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -113,34 +111,8 @@ def class_server(tmp_path_factory, shared_home):
         for name, role in ROLES.items():
             users.add(name, role, PASSWORD)
 
-    port = _free_port()
-    env = {**os.environ, "WORKBENCH_HOME": str(home), "WORKBENCH_DEVICE": "cpu"}
-    for name in ("WORKBENCH_AUTH", "WORKBENCH_BATCHING", "WORKBENCH_NO_AUTH"):
-        env.pop(name, None)  # `serve --auth` sets login; batching stays at its default (on)
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / f"class-server-{port}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "serve", "--auth"]
-            + ["--server.address", "127.0.0.1", "--server.port", str(port)],
-            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while _health(url, timeout=1) != 200:
-            if proc.poll() is not None:
-                pytest.fail(f"workbench serve exited with {proc.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"workbench serve did not answer on {url} within 60 s; see {log}")
-            time.sleep(0.2)
+    with served_workbench(home, "--auth", name="class-server", timeout_s=60) as url:
         yield url, home
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
