@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import access, runs
-from engine.catalog import EMBEDDED, resolve
+from engine.catalog import EMBEDDED, require_listed_or_manage, resolve
 from engine.devices import MemorySnapshot, choose_placement, default_memory_budget, memory_snapshot
 from engine.errors import MissingPackageError
 from engine.generation import GenerationResult, GenerationSettings
@@ -246,11 +246,9 @@ class Workbench:
         (inside ``access.reproducing()``, one an admin has already loaded may be used).
         """
         access.current_user()  # nobody logged in (when login is required): AccessError
-        catalog = set(EMBEDDED) | self.store.names()
         # A re-run may use a folder model an admin has loaded (an auditor re-running a run).
-        rerun_of_loaded = access.in_reproduction() and self.manager.get(name) is not None
-        if name.strip() not in catalog and not rerun_of_loaded:
-            access.require("models.manage")
+        if not (access.in_reproduction() and self.manager.get(name) is not None):
+            require_listed_or_manage(name, self.store.names())  # also for a cached model
         return Model(self.manager.load(name, progress), self)
 
     def model(self, loaded: LoadedModel) -> Model:
