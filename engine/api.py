@@ -331,6 +331,14 @@ class Workbench:
     def loaded(self) -> list[ModelInfo]:
         return [m.info() for m in self.manager.loaded()]
 
+    def decode_path(self, name: str) -> str | None:
+        """The decode path generations on model ``name`` take now ("reference", "lean" or
+        "q4"; ``engine.generation.paths``), None when it is not loaded."""
+        from engine.generation.paths import choose_decode_path
+
+        loaded = self.manager.get(name)
+        return None if loaded is None else choose_decode_path(loaded.model, loaded.kind)
+
     def catalog(self) -> list[CatalogEntry]:
         """Embedded models and store entries, with whether each is installed and loaded."""
         loaded = {m.name for m in self.manager.loaded()}

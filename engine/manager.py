@@ -59,6 +59,8 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     queue: ModelQueue = field(init=False)
     tokenizer_lock: threading.RLock = field(default_factory=threading.RLock)
+    # decode paths built for this model (``engine.generation.paths.decoder_for``), by name
+    decoders: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.queue = ModelQueue(self.name)

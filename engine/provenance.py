@@ -37,11 +37,13 @@ class Provenance:
     dtype: str
     device: str
     seed: int | None = None
+    # how a generation computed its tokens (``engine.generation.paths``); None elsewhere
+    decode_path: str | None = None
     created: float = field(default_factory=time.time)
     versions: dict[str, str] = field(default_factory=library_versions)
 
     @classmethod
-    def of(cls, loaded, seed: int | None = None) -> Provenance:
+    def of(cls, loaded, seed: int | None = None, decode_path: str | None = None) -> Provenance:
         """Provenance of a run on a ``LoadedModel``. Cheap: reads no more than one parameter
         (``loaded.info()`` would count them all, on every call)."""
         dtype = next(loaded.model.parameters()).dtype
@@ -51,4 +53,5 @@ class Provenance:
             dtype=str(dtype).removeprefix("torch."),
             device=str(loaded.device),
             seed=seed,
+            decode_path=decode_path,
         )

@@ -140,13 +140,18 @@ def from_file(path: str | Path) -> Recorded:
 # --- re-running -------------------------------------------------------------------------------
 
 
-def _settings(spec: dict, seed: int | None):
+def _settings(spec: dict, seed: int | None, decode_path: str | None = None):
+    """The recorded settings, with the recorded seed and the decode path the run took (a
+    different path gives other rounding; an unknown one is left to the workbench)."""
     from engine.generation import GenerationSettings
+    from engine.generation.paths import DECODE_PATHS
 
     raw = dict(spec.get("settings") or {})
     raw["stop_sequences"] = tuple(raw.get("stop_sequences") or ())
     if seed is not None:
         raw["seed"] = seed
+    if decode_path in DECODE_PATHS:
+        raw["decode_path"] = decode_path
     known = GenerationSettings.__dataclass_fields__
     return GenerationSettings(**{k: v for k, v in raw.items() if k in known})
 
@@ -167,8 +172,9 @@ def _rerun(workbench, rec: Recorded):
         )
     model = workbench.load(rec.model)
     if op == "generate":
+        path = ((rec.result or {}).get("provenance") or {}).get("decode_path")
         return model.start_generation(
-            spec.get("prompt", ""), _settings(spec, rec.seed), _messages(spec)
+            spec.get("prompt", ""), _settings(spec, rec.seed, path), _messages(spec)
         )
     if op == "perplexity":
         return model.start_perplexity(spec["text"])

@@ -20,7 +20,7 @@ from engine import access, runs
 from engine.access import LimitError, User
 from engine.generation import GenerationSettings
 from engine.generation.streaming import start_generation
-from engine.testing import WORDS
+from engine.testing import WORDS, watching_forward
 
 # Batched logits differ from single-request logits by float rounding only (the padded
 # positions are masked). Measured max |delta logprob|: ~1e-6 on the tiny model, 3.5e-5 on
@@ -129,14 +129,7 @@ def test_each_row_streams_and_stops_on_its_own(llama):
     texts = prompts(3, seed=1)
     settings = replace(GREEDY, max_new_tokens=40)
     single = [llama.generate(p, settings) for p in texts]
-    original = llama.loaded.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return original(*args, **kwargs)
-
-    llama.loaded.model.forward = slow_forward
-    try:
+    with watching_forward(llama.loaded, lambda rows: time.sleep(0.02)):
         started = queue_while_held(
             llama, list(zip(students(3), texts, [settings] * 3, strict=True))
         )
@@ -144,8 +137,6 @@ def test_each_row_streams_and_stops_on_its_own(llama):
         assert wait_until(lambda: len(started[1].snapshot().partial.tokens) >= 2)
         started[1].cancel()
         results = [run.wait(30) for run in started]
-    finally:
-        del llama.loaded.model.forward
     stopped = results[1]
     assert stopped.finish_reason == "cancelled" and stopped.batch_size == 3
     assert 2 <= len(stopped.tokens) < len(single[1].tokens) or single[1].finish_reason != "length"
@@ -160,21 +151,12 @@ def test_identical_requests_are_computed_once(llama):
     prompt = "the capital of france is"
     settings = replace(GREEDY, max_new_tokens=10)
     calls = []
-    original = llama.loaded.model.forward
-
-    def counting_forward(*args, **kwargs):
-        calls.append(kwargs.get("input_ids", args[0] if args else None).shape[0])
-        return original(*args, **kwargs)
-
-    llama.loaded.model.forward = counting_forward
-    try:
+    with watching_forward(llama.loaded, calls.append):
         single = llama.generate(prompt, settings)
         one_request = len(calls)
         calls.clear()
         started = queue_while_held(llama, [(u, prompt, settings) for u in students(12)])
         results = [run.wait(30) for run in started]
-    finally:
-        del llama.loaded.model.forward
     assert one_request == len(single.tokens)  # one forward per token (KV cache)
     assert len(calls) == one_request and set(calls) == {1}, calls  # once, at batch size 1
     for result in results:
@@ -186,21 +168,12 @@ def test_one_of_several_identical_requests_can_stop_alone(llama):
     prompt = prompts(1, seed=3)[0]
     settings = replace(GREEDY, max_new_tokens=40)
     single = llama.generate(prompt, settings)
-    original = llama.loaded.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return original(*args, **kwargs)
-
-    llama.loaded.model.forward = slow_forward
-    try:
+    with watching_forward(llama.loaded, lambda rows: time.sleep(0.02)):
         started = queue_while_held(llama, [(u, prompt, settings) for u in students(3)])
         assert wait_until(lambda: started[0].snapshot().partial is not None)
         assert wait_until(lambda: len(started[0].snapshot().partial.tokens) >= 2)
         started[0].cancel()
         results = [run.wait(30) for run in started]
-    finally:
-        del llama.loaded.model.forward
     assert results[0].finish_reason == "cancelled"
     assert ids(results[0]) == ids(single)[: len(results[0].tokens)]
     if single.finish_reason == "length":
@@ -346,22 +319,13 @@ def test_a_short_request_in_a_batch_returns_without_waiting_for_a_long_one(llama
     short, long = replace(GREEDY, max_new_tokens=3), replace(GREEDY, max_new_tokens=60)
     reference = llama.generate(texts[1], long)
     assert reference.finish_reason == "length"  # this prompt runs to all 60 tokens
-    original = llama.loaded.model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.03)  # 60 tokens: at least 1.8 s
-        return original(*args, **kwargs)
-
-    llama.loaded.model.forward = slow_forward
-    try:
+    with watching_forward(llama.loaded, lambda rows: time.sleep(0.03)):  # 60 tokens: >= 1.8 s
         users = students(2)
         started = queue_while_held(llama, [(users[0], texts[0], short), (users[1], texts[1], long)])
         first = started[0].wait(30)  # the leader: its own row is done after 3 tokens
         assert not started[1].done, "the short request waited for the long one"
         assert llama.loaded.busy  # the batch thread still holds the model
         second = started[1].wait(30)
-    finally:
-        del llama.loaded.model.forward
     assert first.batch_size == 2 == second.batch_size and len(first.tokens) == 3
     assert_same(reference, second)
     assert wait_until(lambda: not llama.loaded.busy)

@@ -179,17 +179,10 @@ def test_json_round_trip_and_csv(llama):
 @contextlib.contextmanager
 def slowed(model, seconds: float):
     """Make every forward pass of ``model`` take at least ``seconds`` longer."""
-    original = model.loaded.model.forward
+    from engine.testing import watching_forward
 
-    def slow_forward(*args, **kwargs):
-        time.sleep(seconds)
-        return original(*args, **kwargs)
-
-    model.loaded.model.forward = slow_forward
-    try:
+    with watching_forward(model.loaded, lambda rows: time.sleep(seconds)):
         yield
-    finally:
-        del model.loaded.model.forward
 
 
 def streamed_tokens(run) -> int:

@@ -209,6 +209,11 @@ def model_picker() -> None:
             st.form_submit_button("Use this model", on_click=_use_other_model)
     place = wb.placement
     st.sidebar.caption(f"Device: **{place.device}** · dtype: **{place.dtype_name}**")
+    path = wb.decode_path(current)
+    if path is not None:
+        from engine.generation.paths import DESCRIPTIONS
+
+        st.sidebar.caption(f"Decode path: **{path}**", help=DESCRIPTIONS[path])
 
 
 def human_bytes(n: int | None) -> str:

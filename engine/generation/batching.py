@@ -42,8 +42,8 @@ from engine.generation.core import (
     generate_kwargs,
     prepare,
 )
-from engine.generation.cpu_speed import onednn_linears
 from engine.generation.decoding import Observer, TokenStep
+from engine.generation.paths import choose_decode_path, decoder_for
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 
@@ -63,6 +63,7 @@ class Request:
 
     ``settings`` are validated with the seed fixed. ``batch_key``: requests with equal keys may
     be decoded in one batch; ``dedup_key``: requests with equal keys are computed once.
+    ``path``: the decode path it takes (``engine.generation.paths``).
     """
 
     prepared: Prepared
@@ -71,6 +72,7 @@ class Request:
     on_step: Callable[[TokenStep, str], None] | None
     batch_key: Hashable
     dedup_key: Hashable
+    path: str
     done: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
     error: BaseException | None = None
@@ -86,15 +88,16 @@ class Request:
         cancel: threading.Event | None = None,
         on_step: Callable[[TokenStep, str], None] | None = None,
     ) -> Request:
-        dedup = (loaded.fingerprint, tuple(prepared.input_ids[0].tolist()), settings)
+        path = choose_decode_path(loaded.model, loaded.kind, settings.decode_path)
+        dedup = (loaded.fingerprint, path, tuple(prepared.input_ids[0].tolist()), settings)
         batchable = (
             batching_enabled()
             and loaded.kind == "causal-lm"
             and not settings.sampling
             and settings.repetition_penalty == 1.0  # it would also penalise the pad tokens
         )
-        batch = ("greedy",) if batchable else ("alone", dedup)
-        return cls(prepared, settings, cancel or threading.Event(), on_step, batch, dedup)
+        batch = ("greedy", path) if batchable else ("alone", dedup)
+        return cls(prepared, settings, cancel or threading.Event(), on_step, batch, dedup, path)
 
 
 def serve(loaded: LoadedModel, request: Request, timeout_s: float = 600.0) -> GenerationResult:
@@ -107,7 +110,7 @@ def serve(loaded: LoadedModel, request: Request, timeout_s: float = 600.0) -> Ge
     """
     with loaded.queue.use(timeout_s, batch=request) as grant:
         loaded.last_used = time.monotonic()
-        if not grant.seated and request.batch_key == ("greedy",):  # rows can join: worth it
+        if not grant.seated and request.batch_key[0] == "greedy":  # rows can join: worth it
             with contextlib.suppress(Exception):  # an optimisation: never fail the batch
                 grant.gather()  # the users of the last batch, back with their next request
         if grant.seated:
@@ -269,9 +272,10 @@ def _decode_alone(loaded: LoadedModel, row: _Row) -> None:
     started = [time.perf_counter()]
     observer = _observer(loaded, row, recorder, started)
     kwargs["stopping_criteria"] = StoppingCriteriaList([observer])
-    with torch.inference_mode(), onednn_linears(loaded.model):
+    decoder = decoder_for(loaded, lead.path)
+    with torch.inference_mode():
         started[0] = time.perf_counter()
-        loaded.model.generate(**kwargs)
+        decoder.generate(**kwargs)
         seconds = time.perf_counter() - started[0]
     _deliver(loaded, row, started[0], seconds, batch_size=1)
 
@@ -358,9 +362,10 @@ def _decode_together(loaded: LoadedModel, rows: list[_Row]) -> None:
             [_BatchObserver(rows, _generation_eos(loaded), on_end)]
         ),
     )
-    with torch.inference_mode(), onednn_linears(loaded.model):
+    decoder = decoder_for(loaded, rows[0].lead.path)
+    with torch.inference_mode():
         started[0] = time.perf_counter()
-        loaded.model.generate(**kwargs)
+        decoder.generate(**kwargs)
         ended = time.perf_counter()
     for row in rows:
         if not row.finished:  # generate ended at the longest max_new_tokens
@@ -387,7 +392,7 @@ def _deliver(loaded: LoadedModel, row: _Row, started: float, seconds: float, bat
             text=text,
             tokens=steps,
             settings=settings,
-            provenance=Provenance.of(loaded, seed=settings.seed),
+            provenance=Provenance.of(loaded, seed=settings.seed, decode_path=request.path),
             finish_reason=reason,
             seconds=took,
             first_token_seconds=first,

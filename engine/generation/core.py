@@ -8,12 +8,11 @@
 ``engine.generation.streaming.start_generation`` runs the decode as a run that streams tokens and
 can be cancelled.
 
-Decoding is ``transformers``' own ``generate`` with small hooks (``engine.generation.decoding``), so greedy
-output is that of plain ``model.generate``. Log-probabilities are those of the model's own
-distribution (log-softmax of the raw logits), not of the distribution after
-temperature/top-k/top-p processing. On CPU the decode runs the linear layers through oneDNN
-(``engine.generation.cpu_speed``, up to 1.5x faster; logits within float32 rounding of the stock layers,
-greedy tokens equal on every prompt checked; ``WORKBENCH_ONEDNN_DECODE=0`` turns it off).
+Decoding follows ``transformers``' ``generate`` loop with small hooks
+(``engine.generation.decoding``), on the decode path chosen by ``engine.generation.paths``
+(the reference ``generate`` itself, or a lean decoder with the same logits to float32
+rounding). Log-probabilities are those of the model's own distribution (log-softmax of the raw
+logits), not of the distribution after temperature/top-k/top-p processing.
 """
 
 from __future__ import annotations
@@ -58,7 +57,9 @@ class GenerationSettings:
     the prompt plus ``max_new_tokens`` exceeds the context window, keep the prompt's last
     tokens instead of refusing. ``seed`` makes sampling reproducible (a sampled run without a
     seed gets a random one, recorded in its result). ``top_alternatives``: alternatives kept
-    per generated token (0 to 20).
+    per generated token (0 to 20). ``decode_path``: "reference", "lean" or "q4" to ask for one
+    (``engine.generation.paths``; a model that cannot take it gets the reference); None or
+    "auto" takes the workbench's choice. The path used is in the result's provenance.
     """
 
     max_new_tokens: int = 64
@@ -71,6 +72,7 @@ class GenerationSettings:
     stop_sequences: tuple[str, ...] = ()
     keep_last_tokens: bool = False
     top_alternatives: int = 5
+    decode_path: str | None = None
 
     def validated(self) -> GenerationSettings:
         """Checked copy; raises ``InputError`` naming the bad value and the allowed range."""
@@ -94,10 +96,19 @@ class GenerationSettings:
             raise InputError(
                 f"top_alternatives must be between 0 and 20 (got {self.top_alternatives})."
             )
+        path = self.decode_path
+        if path is not None:
+            from engine.generation.paths import requested_path
+
+            path = requested_path(str(path) or "auto")  # InputError naming the choices
         stops = tuple(self.stop_sequences)
         if any(not isinstance(s, str) for s in stops):
             raise InputError("stop_sequences must be strings.")
-        return replace(self, stop_sequences=tuple(s for s in stops if s))
+        return replace(
+            self,
+            stop_sequences=tuple(s for s in stops if s),
+            decode_path=None if path == "auto" else path,
+        )
 
     @property
     def sampling(self) -> bool:

@@ -1,0 +1,219 @@
+"""A lean decode-only forward for Llama-family models: fused products, a static KV cache.
+
+At batch 1 on a CPU, transformers' Llama forward spends most of a decode step outside the
+matrix products: cache objects, mask building, RoPE recomputed per layer, one product per
+projection. ``LeanDecoder`` computes the same function with fewer operations:
+
+- q/k/v are one product and gate/up another (their weights concatenated once);
+- RoPE cos/sin come from the model's own rotary module, computed once for every position;
+- keys and values are written in place into a cache allocated once per generation;
+- each product is a ``Linear`` callable chosen by the decode path (``engine.generation.paths``):
+  float32 through oneDNN, or 4/8-bit grouped weights (``engine.generation.quantized``).
+
+Its logits equal the reference model's to float32 rounding (tests/test_decode_paths.py). The
+reference model is never modified: attention, attribution and fine-tuning still run it.
+
+    decoder = LeanDecoder(model, make_linear)
+    logits = decoder.prefill(input_ids, attention_mask, max_new_tokens)   # (B, vocab)
+    logits = decoder.step(next_ids)                                        # (B, vocab)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LeanDecoder", "Linear", "MakeLinear", "lean_supported"]
+
+Linear = Callable[[torch.Tensor], torch.Tensor]  # (rows, in_features) -> (rows, out_features)
+# (role, weight (out, in), bias or None) -> Linear; role is "qkv", "o", "gate_up", "down", "head"
+MakeLinear = Callable[[str, torch.Tensor, torch.Tensor | None], Linear]
+
+_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on length
+
+
+def lean_supported(model: torch.nn.Module) -> str | None:
+    """None when ``LeanDecoder`` can run ``model``, else why not (one short phrase)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in _MODEL_TYPES:
+        return f"{getattr(config, 'model_type', 'this')} models use the reference decoder"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return "activation other than SiLU"
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or not hasattr(inner, "layers"):
+        return "unexpected module layout"
+    if getattr(rotary, "rope_type", "default") not in _STATIC_ROPE:
+        return f"{rotary.rope_type} RoPE"
+    if any(type(m).__name__.startswith("Lora") for m in model.modules()):
+        return "LoRA adapters attached"
+    return None
+
+
+@dataclass
+class _Layer:
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    norm_attn: torch.Tensor  # (hidden,)
+    norm_mlp: torch.Tensor  # (hidden,)
+
+
+def _cat_bias(*layers: torch.nn.Linear) -> torch.Tensor | None:
+    if all(layer.bias is None for layer in layers):
+        return None
+    return torch.cat(
+        [
+            layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+            for layer in layers
+        ]
+    )
+
+
+class LeanDecoder:
+    """Decode-only forward of a Llama-family causal LM over a static KV cache.
+
+    Not thread-safe: one generation at a time (the caller holds the model's grant).
+    """
+
+    def __init__(self, model: torch.nn.Module, make_linear: MakeLinear) -> None:
+        reason = lean_supported(model)
+        if reason:
+            raise ValueError(reason)
+        config = model.config
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = float(config.rms_norm_eps)
+        self.embed = inner.embed_tokens.weight  # (vocab, hidden)
+        self.layers: list[_Layer] = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            self.layers.append(
+                _Layer(
+                    qkv=make_linear("qkv", qkv, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)),
+                    o=make_linear("o", attn.o_proj.weight, attn.o_proj.bias),
+                    gate_up=make_linear("gate_up", gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj)),
+                    down=make_linear("down", mlp.down_proj.weight, mlp.down_proj.bias),
+                    norm_attn=layer.input_layernorm.weight,
+                    norm_mlp=layer.post_attention_layernorm.weight,
+                )
+            )
+        self.norm = inner.norm.weight
+        head = model.get_output_embeddings()
+        self.head = make_linear("head", head.weight, getattr(head, "bias", None))
+        positions = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        with torch.no_grad():
+            ids = torch.arange(positions, device=self.embed.device)[None]
+            cos, sin = inner.rotary_emb(self.embed[:1][None].float(), ids)
+        self.cos, self.sin = cos[0].float(), sin[0].float()  # (positions, head_dim)
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._keys_valid: torch.Tensor | None = None  # (B, total) bool
+        self._positions: torch.Tensor | None = None  # (B,) next position of each row
+        self._filled = 0
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.cos.shape[0])
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, heads, head_dim); positions: (B, T) -> rotated like transformers' RoPE."""
+        cos = self.cos[positions][:, :, None]  # (B, T, 1, head_dim)
+        sin = self.sin[positions][:, :, None]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+        """ids, positions: (B, T); mask: (B, 1, T, keys) bool or None (causal, no padding).
+
+        Writes the T new keys/values at cache slots [filled, filled + T) and returns the
+        last position's logits (B, vocab) float32.
+        """
+        batch, length = ids.shape
+        start, end = self._filled, self._filled + length
+        x = F.embedding(ids, self.embed)  # (B, T, hidden)
+        hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        for layer, (keys, values) in zip(self.layers, self._cache, strict=True):
+            h = F.rms_norm(x, (x.shape[-1],), layer.norm_attn, self.eps)
+            qkv = layer.qkv(h.view(batch * length, -1)).view(batch, length, hq + 2 * hk, d)
+            qk = self._rope(qkv[:, :, : hq + hk], positions)
+            keys[:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
+            values[:, :, start:end] = qkv[:, :, hq + hk :].transpose(1, 2)
+            q = qk[:, :, :hq].transpose(1, 2)  # (B, hq, T, d)
+            attn = F.scaled_dot_product_attention(
+                q,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                is_causal=mask is None and length > 1,
+                enable_gqa=hq != hk,
+            )
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch * length, hq * d)).view_as(x)
+            h = F.rms_norm(x, (x.shape[-1],), layer.norm_mlp, self.eps)
+            gate, up = layer.gate_up(h.view(batch * length, -1)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up).view_as(x)
+        self._filled = end
+        last = F.rms_norm(x[:, -1], (x.shape[-1],), self.norm, self.eps)
+        return self.head(last).float()
+
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
+    ) -> torch.Tensor:
+        """Start a generation: input_ids (B, T) left-padded, attention_mask (B, T) of 0/1.
+
+        Allocates the cache for T + max_new_tokens positions; returns logits (B, vocab).
+        """
+        batch, length = input_ids.shape
+        total = length + max_new_tokens
+        if total > self.max_positions:
+            raise ValueError(f"{total} positions exceed the model's {self.max_positions}")
+        like = self.embed
+        self._cache = [
+            (
+                torch.empty(batch, self.kv_heads, total, self.head_dim, dtype=like.dtype),
+                torch.empty(batch, self.kv_heads, total, self.head_dim, dtype=like.dtype),
+            )
+            for _ in self.layers
+        ]
+        self._filled = 0
+        valid = torch.ones(batch, total, dtype=torch.bool, device=like.device)
+        if attention_mask is not None:
+            valid[:, :length] = attention_mask.bool()
+        padded = not bool(valid[:, :length].all())
+        self._keys_valid = valid if padded else None
+        positions = (valid[:, :length].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self._positions = positions[:, -1] + 1
+        mask = None
+        if padded:
+            causal = torch.ones(length, length, dtype=torch.bool, device=like.device).tril()
+            # a padded query attends to itself only, so no row of the softmax is empty
+            mask = (causal & valid[:, None, :length]) | torch.eye(length, dtype=torch.bool)
+            mask = mask[:, None]  # (B, 1, T, T)
+        return self._forward(input_ids, positions, mask)
+
+    @torch.inference_mode()
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, next_ids (B,); returns the next logits (B, vocab)."""
+        positions = self._positions
+        mask = None
+        if self._keys_valid is not None:
+            mask = self._keys_valid[:, None, None, : self._filled + 1]  # (B, 1, 1, keys)
+        logits = self._forward(next_ids[:, None], positions[:, None], mask)
+        self._positions = positions + 1
+        return logits
+
+    def release(self) -> None:
+        """Drop the KV cache (memory goes back at once, not at the next generation)."""
+        self._cache, self._keys_valid, self._positions, self._filled = [], None, None, 0
