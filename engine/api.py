@@ -333,7 +333,7 @@ class Workbench:
 
     def decode_path(self, name: str) -> str | None:
         """The decode path generations on model ``name`` take now ("reference", "lean" or
-        "q4"; ``engine.generation.paths``), None when it is not loaded."""
+        "int8"; ``engine.generation.paths``), None when it is not loaded."""
         from engine.generation.paths import choose_decode_path
 
         loaded = self.manager.get(name)

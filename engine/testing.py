@@ -69,41 +69,6 @@ def tiny_llama(folder: Path, seed: int = 0) -> Path:
     return _save(LlamaForCausalLM(config), folder)
 
 
-def tiny_gguf_llama(folder: Path, seed: int = 0) -> Path:
-    """``tiny_llama`` with its weights on the Q4_1/Q8_0 grid of a GGUF file (``snap_to_gguf_grid``)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama(folder, seed))
-    return _save(snap_to_gguf_grid(model), folder)
-
-
-def snap_to_gguf_grid(model: torch.nn.Module) -> torch.nn.Module:
-    """Round ``model``'s weights in place to the values a Q4_1/Q8_0 GGUF file holds, as the
-    embedded SmolLM2's: every linear layer Q4_1 (groups of 32 along the input, float16 scale
-    and minimum), the input and output embeddings Q8_0 (groups of 32, float16 scale)."""
-
-    def q4_1(w: torch.Tensor) -> torch.Tensor:
-        g = w.reshape(w.shape[0], -1, 32)
-        low = g.amin(-1, keepdim=True).half().float()
-        d = ((g.amax(-1, keepdim=True) - low) / 15).half().float()
-        q = torch.round((g - low) / torch.where(d > 0, d, 1)).clamp(0, 15)
-        return (d * q + low).reshape(w.shape)
-
-    def q8_0(w: torch.Tensor) -> torch.Tensor:
-        g = w.reshape(w.shape[0], -1, 32)
-        d = (g.abs().amax(-1, keepdim=True) / 127).half().float()
-        return (d * torch.round(g / torch.where(d > 0, d, 1)).clamp(-127, 127)).reshape(w.shape)
-
-    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.dim() != 2:
-                continue
-            weight.copy_(q8_0(weight) if id(weight) in embeddings else q4_1(weight))
-    return model
-
-
 def tiny_bert(
     folder: Path, num_labels: int | None = None, seed: int = 0, **config_overrides
 ) -> Path:

@@ -4,7 +4,8 @@
     result = generate(loaded, "The capital of France is", GenerationSettings(greedy=True))
 
 Modules: ``core`` (settings, preparation, the decode call and its result), ``decoding`` (the
-logits hooks), ``batching`` (concurrent requests decoded together, identical ones once), ``cpu_speed`` (the CPU fast path), ``streaming`` (runs that stream tokens),
+logits hooks), ``batching`` (concurrent requests decoded together, identical ones once), ``paths`` (the
+decode path: reference, ``lean`` decoder, ``int8`` products), ``streaming`` (runs that stream tokens),
 ``chat`` (chat templates and transcripts), ``presets``, ``evaluation`` (perplexity, BLEU/chrF)
 and ``comparison`` (one prompt on several models).
 """

@@ -57,7 +57,7 @@ class GenerationSettings:
     the prompt plus ``max_new_tokens`` exceeds the context window, keep the prompt's last
     tokens instead of refusing. ``seed`` makes sampling reproducible (a sampled run without a
     seed gets a random one, recorded in its result). ``top_alternatives``: alternatives kept
-    per generated token (0 to 20). ``decode_path``: "reference", "lean" or "q4" to ask for one
+    per generated token (0 to 20). ``decode_path``: "reference", "lean" or "int8" to ask for one
     (``engine.generation.paths``; a model that cannot take it gets the reference); None or
     "auto" takes the workbench's choice. The path used is in the result's provenance.
     """

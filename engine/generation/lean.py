@@ -8,7 +8,7 @@ projection. ``LeanDecoder`` computes the same function with fewer operations:
 - RoPE cos/sin come from the model's own rotary module, computed once for every position;
 - keys and values are written in place into a cache allocated once per generation;
 - each product is a ``Linear`` callable chosen by the decode path (``engine.generation.paths``):
-  float32 through oneDNN, or 4/8-bit grouped weights (``engine.generation.quantized``).
+  float32 (``F.linear``), or int8 (``engine.generation.int8``).
 
 Its logits equal the reference model's to float32 rounding (tests/test_decode_paths.py). The
 reference model is never modified: attention, attribution and fine-tuning still run it.
@@ -134,11 +134,17 @@ class LeanDecoder:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        every_position: bool = False,
+    ) -> torch.Tensor:
         """ids, positions: (B, T); mask: (B, 1, T, keys) bool or None (causal, no padding).
 
         Writes the T new keys/values at cache slots [filled, filled + T) and returns the
-        last position's logits (B, vocab) float32.
+        last position's logits (B, vocab) float32, or every position's (B, T, vocab).
         """
         batch, length = ids.shape
         start, end = self._filled, self._filled + length
@@ -164,8 +170,24 @@ class LeanDecoder:
             gate, up = layer.gate_up(h.view(batch * length, -1)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up).view_as(x)
         self._filled = end
+        if every_position:
+            out = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps).view(batch * length, -1)
+            return self.head(out).float().view(batch, length, -1)
         last = F.rms_norm(x[:, -1], (x.shape[-1],), self.norm, self.eps)
         return self.head(last).float()
+
+    def _allocate(self, batch: int, total: int) -> None:
+        """An empty KV cache of ``total`` positions per row."""
+        like = self.embed
+        shape = (batch, self.kv_heads, total, self.head_dim)
+        self._cache = [
+            (
+                torch.empty(shape, dtype=like.dtype, device=like.device),
+                torch.empty(shape, dtype=like.dtype, device=like.device),
+            )
+            for _ in self.layers
+        ]
+        self._filled = 0
 
     @torch.inference_mode()
     def prefill(
@@ -180,14 +202,7 @@ class LeanDecoder:
         if total > self.max_positions:
             raise ValueError(f"{total} positions exceed the model's {self.max_positions}")
         like = self.embed
-        self._cache = [
-            (
-                torch.empty(batch, self.kv_heads, total, self.head_dim, dtype=like.dtype),
-                torch.empty(batch, self.kv_heads, total, self.head_dim, dtype=like.dtype),
-            )
-            for _ in self.layers
-        ]
-        self._filled = 0
+        self._allocate(batch, total)
         valid = torch.ones(batch, total, dtype=torch.bool, device=like.device)
         if attention_mask is not None:
             valid[:, :length] = attention_mask.bool()
@@ -199,7 +214,8 @@ class LeanDecoder:
         if padded:
             causal = torch.ones(length, length, dtype=torch.bool, device=like.device).tril()
             # a padded query attends to itself only, so no row of the softmax is empty
-            mask = (causal & valid[:, None, :length]) | torch.eye(length, dtype=torch.bool)
+            itself = torch.eye(length, dtype=torch.bool, device=like.device)
+            mask = (causal & valid[:, None, :length]) | itself
             mask = mask[:, None]  # (B, 1, T, T)
         return self._forward(input_ids, positions, mask)
 
@@ -213,6 +229,17 @@ class LeanDecoder:
         logits = self._forward(next_ids[:, None], positions[:, None], mask)
         self._positions = positions + 1
         return logits
+
+    @torch.inference_mode()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits at every position of unpadded ``input_ids`` (B, T): (B, T, vocab) float32,
+        as the model's forward gives them (for perplexity on this path)."""
+        self._allocate(*input_ids.shape)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        try:
+            return self._forward(input_ids, positions.expand_as(input_ids), None, True)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Drop the KV cache (memory goes back at once, not at the next generation)."""

@@ -4,13 +4,13 @@
   and fine-tuning always use this model, so "explain this answer" explains the reference.
 - ``lean``: ``engine.generation.lean.LeanDecoder`` on the same float32 weights (fused
   products, a static KV cache). Logits equal the reference's to float32 rounding.
-- ``q4``: the lean decoder on 4-bit groups of 32 (the output layer 8-bit), packed by
-  ``engine.generation.quantized``. Exact for a model whose weights came from a Q4_1/Q8_0 GGUF
-  (the embedded SmolLM2): each packed matrix is checked, and its largest weight error is part of
-  the path's description.
+- ``int8``: the lean decoder with int8 products (``engine.generation.int8``: int8 weights per
+  output channel, int8 activations per call, fbgemm). About twice as fast on a CPU, not exact:
+  ``bench/generation.py`` reports how often its greedy continuations match and its perplexity.
 
-``WORKBENCH_DECODE`` = ``auto`` (default), ``reference``, ``lean`` or ``q4``. ``auto`` takes the
-measured default (``bench/generation.py``) where the model allows it, else the reference.
+``WORKBENCH_DECODE`` = ``auto`` (default), ``reference``, ``lean`` or ``int8``. ``auto`` takes the
+measured default (``lean``, ``bench/generation.py``) on a CPU where the model allows it, else the
+reference (GPUs keep the reference until the lean path is measured there).
 A request can ask for a path (``GenerationSettings.decode_path``; reproduction asks for the
 recorded one). The path used is recorded in every result's provenance and shown in the sidebar.
 
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.errors import InputError
+from engine.generation.int8 import int8_available, pack_int8
 from engine.generation.lean import LeanDecoder, lean_supported
-from engine.generation.quantized import int4_kernel_available, pack_q4, pack_q8
 
 __all__ = [
     "DECODE_PATHS",
@@ -44,15 +44,14 @@ __all__ = [
 ]
 
 ENV = "WORKBENCH_DECODE"
-DECODE_PATHS = ("reference", "lean", "q4")
+DECODE_PATHS = ("reference", "lean", "int8")
 DEFAULT = "lean"  # chosen by measurement under load: bench/generation.py, README "Speed"
-EXACT_RELATIVE = 1e-6  # a packed weight within this of max|w| counts as exact
 DESCRIPTIONS = {
     "reference": "transformers' own generate on the model as loaded",
     "lean": "lean decoder on the same weights: fused products, static KV cache; "
     "logits equal the reference's to float32 rounding",
-    "q4": "lean decoder on 4-bit weights (output layer 8-bit), exact for a model from a "
-    "Q4_1 GGUF file such as the embedded SmolLM2",
+    "int8": "lean decoder with int8 weights and activations (fbgemm): about twice as fast on "
+    "a CPU, not exact (see bench/generation.py for how close)",
 }
 
 
@@ -76,12 +75,12 @@ def choose_decode_path(model: torch.nn.Module, kind: str, override: str | None =
     """The path a generation on ``model`` takes: the request (or environment) when the model
     allows it, else the reference. ``auto`` is the measured default."""
     wanted = requested_path(override)
-    if wanted == "auto":
-        wanted = DEFAULT
+    param = next(model.parameters())
+    if wanted == "auto":  # measured on CPUs; on GPUs the reference until measured there
+        wanted = DEFAULT if param.device.type == "cpu" else "reference"
     if wanted == "reference" or kind != "causal-lm" or lean_supported(model) is not None:
         return "reference"
-    param = next(model.parameters())
-    if wanted == "q4" and (param.device.type != "cpu" or not int4_kernel_available()):
+    if wanted == "int8" and (param.device.type != "cpu" or not int8_available()):
         return "lean"
     return wanted
 
@@ -164,20 +163,18 @@ def _build(model: torch.nn.Module, name: str) -> Decoder:
         detail = f"lean decoder, {dtype}, fused q/k/v and gate/up, static KV cache"
         return Decoder(model, DecodePath("lean", detail), lean)
     errors: list[float] = []
-    scale = max(float(p.detach().abs().max()) for p in model.parameters() if p.dim() == 2)
 
     def packed(role: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        linear = pack_q8(weight, bias) if role == "head" else pack_q4(weight, bias)
+        linear = pack_int8(weight, bias)
         errors.append(linear.max_error)
         return linear
 
     lean = LeanDecoder(model, packed)
-    exact = max(errors) <= EXACT_RELATIVE * scale
     detail = (
-        "lean decoder, 4-bit weights in groups of 32 (output layer 8-bit), float32 activations; "
-        f"weights {'exact' if exact else 'quantized'} (max error {max(errors):.1e})"
+        "lean decoder, int8 weights (per output channel) and int8 activations (per call), "
+        f"fbgemm; largest weight error {max(errors):.1e}"
     )
-    return Decoder(model, DecodePath("q4", detail), lean)
+    return Decoder(model, DecodePath("int8", detail), lean)
 
 
 def decoder_for(loaded, override: str | None = None) -> Decoder:
