@@ -1,48 +1,52 @@
-"""Decode speed of the embedded SmolLM2: the workbench path vs plain ``model.generate``.
+"""Decode speed and exactness of the workbench's decode paths, against plain transformers and
+llama.cpp, measured in one run on the embedded SmolLM2-135M (CPU, float32 weights holding the
+shipped Q4_1 file's values; ``engine.generation.paths``).
 
-Measures in one run, on one loaded model (float32, CPU unless WORKBENCH_DEVICE says otherwise):
+Speed, in each phase (idle, then ``--load`` other processes each spinning on a core):
 
-- decode tokens/s (after the first token) and time to first token, greedy, same prompt and
-  ``max_new_tokens``, through plain ``model.generate`` (stock layers, and with the linear
-  layers on oneDNN as the workbench runs them: ``engine.generation.cpu_speed``), ``Model.generate`` (the
-  Python API, which the CLI uses) and ``Model.stream`` (the worker thread the page uses);
-- the memory-bandwidth ceiling: bytes of weights read per token (every parameter once; the tied
-  embedding/lm_head matrix is read once, by the lm_head) over the read bandwidth measured here
-  (``sum`` of a 256 MiB tensor, which streams it from DRAM);
-- where a decode step goes: the model's own linear layers run alone at batch 1 (the matrix-vector
-  products; stock MKL and oneDNN), the lm_head alone, the workbench's own per-token hooks, and the rest (attention,
-  norms, Python/transformers overhead).
+- decode tokens/s after the first token and time to first token (TTFT), greedy, for a 15-token
+  prompt: plain ``model.generate`` (the baseline), the workbench's paths through
+  ``Model.generate`` (queue, hooks and result included: what the API, CLI and pages get), and
+  llama.cpp on the same weights as F32 and on the shipped Q4_1 file (``llama-cpp-python``,
+  installed by ``make bench-deps``; without it those rows are skipped, saying so);
+- the runs are interleaved and the best of ``--repeats`` is reported (median in brackets);
+- the goals: the default path at least 1.0x plain transformers and 0.8x llama.cpp F32, the fast
+  path (int8) at least 0.8x llama.cpp Q4_1, TTFT under 150 ms.
 
-    .venv/bin/python bench/generation.py [--tokens 40] [--repeats 5] [--profile]
+Exactness (idle), for each path that is not transformers itself, on the prompts in
+``bench/data/prompts.txt``: the fraction of greedy continuations identical to the reference
+path's, the first position where the others diverge, and the perplexity of
+``engine/data/stories.txt`` (989 tokens) against the reference's (goal: within 1 %).
 
-The paths run interleaved and the best run of each is reported (median in brackets): on a shared
-machine the least disturbed run is the closest to the true speed. Greedy token ids of the workbench paths are checked against plain ``generate`` (must be equal).
+    .venv/bin/python bench/generation.py [--tokens 40] [--repeats 5] [--load 1] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
+import multiprocessing
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import _common  # noqa: F401  (offline environment, repo on sys.path)
+import _llamacpp
+import torch
+from _common import HOME, REPO
 
-import torch  # noqa: E402
+from engine.api import Workbench
+from engine.generation import GenerationSettings
+from engine.generation.paths import DEFAULT, decoder_for
 
-from engine.api import Workbench  # noqa: E402
-from engine.generation import GenerationSettings  # noqa: E402
-from engine.generation.cpu_speed import onednn_linears  # noqa: E402
-
-PROMPT = "Once upon a time, in a small village by the sea, there lived"
+PROMPT = "Once upon a time, in a small village by the sea, there lived"  # 15 tokens
+PATHS = ("reference", "lean", "int8")
+FAST = "int8"
 
 
 class TimingStreamer:
-    """A ``generate`` streamer that only records when each token arrives (first put = prompt)."""
+    """A ``generate`` streamer that records when each token arrives (first put = prompt)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -57,221 +61,230 @@ class TimingStreamer:
         pass
 
 
-def best_seconds(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def read_bandwidth(threads: int) -> float:
-    """Bytes/s of reading a 256 MiB float32 tensor (``sum``) with ``threads`` threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    data = torch.ones(64 * 2**20)  # 256 MiB, far above any cache
-    try:
-        return data.nbytes / best_seconds(data.sum, 10)
-    finally:
-        torch.set_num_threads(before)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s moved (read + write) copying a 256 MiB tensor."""
-    a, b = torch.ones(64 * 2**20), torch.empty(64 * 2**20)
-    return 2 * a.nbytes / best_seconds(lambda: b.copy_(a), 10)
-
-
-def plain_run(model, enc, n: int, pad_id, onednn: bool = False) -> tuple[float, float, list[int]]:
-    """(time to first token s, decode tokens/s, new ids) of plain ``model.generate``."""
+def plain_run(hf, tok, n: int) -> tuple[float, float, list[int]]:
+    """(TTFT s, decode tok/s, new ids) of plain transformers ``generate``."""
+    enc = tok(PROMPT, return_tensors="pt")
     streamer = TimingStreamer()
-    swap = onednn_linears(model) if onednn else contextlib.nullcontext()
-    with torch.inference_mode(), swap:
+    with torch.inference_mode():
         start = time.perf_counter()
-        model.generate(
-            **enc, max_new_tokens=n, do_sample=False, streamer=streamer, pad_token_id=pad_id
+        hf.generate(
+            **enc,
+            max_new_tokens=n,
+            do_sample=False,
+            streamer=streamer,
+            pad_token_id=tok.pad_token_id,
         )
     t = streamer.times
-    decode = (len(t) - 2) / (t[-1] - t[1]) if len(t) > 2 else float("nan")
-    return t[1] - start, decode, streamer.ids
+    return t[1] - start, (len(t) - 2) / (t[-1] - t[1]), streamer.ids
 
 
-def linear_floor(model, repeats: int) -> tuple[float, float, float, float, float, float]:
-    """Seconds per token of every linear layer alone at batch 1 (matrix-vector products).
-
-    Returns (all linears s, lm_head s, their weight bytes, CPU-time/wall-time of the lm_head
-    product: 1.0 means one thread did the work), then all linears s and lm_head CPU/wall on
-    oneDNN (``engine.generation.cpu_speed``).
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    head = model.get_output_embeddings()
-    inputs = [torch.randn(1, 1, m.in_features) for m in linears]
-
-    def all_linears() -> None:
-        for m, x in zip(linears, inputs, strict=True):
-            torch.nn.functional.linear(x, m.weight, m.bias)
-
-    x_head = torch.randn(1, 1, head.in_features)
-    with torch.inference_mode():
-        all_s = best_seconds(all_linears, repeats)
-        head_s = best_seconds(lambda: torch.nn.functional.linear(x_head, head.weight), repeats * 3)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(20):
-            torch.nn.functional.linear(x_head, head.weight)
-        usage = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-        # the op ``engine.generation.cpu_speed`` swaps in, called directly like F.linear above
-        dnn = torch.ops.mkldnn._linear_pointwise
-        flat = [x.view(1, -1) for x in inputs]
-
-        def all_onednn() -> None:
-            for m, x in zip(linears, flat, strict=True):
-                dnn(x, m.weight, m.bias, "none", [], "")
-
-        dnn_s = best_seconds(all_onednn, repeats)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(20):
-            dnn(x_head.view(1, -1), head.weight, None, "none", [], "")
-        dnn_usage = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    return all_s, head_s, nbytes, usage, dnn_s, dnn_usage
+def spin() -> None:  # a process that keeps one core busy
+    while True:
+        pass
 
 
-def hook_seconds(loaded, ids: list[int]) -> float:
-    """Seconds per token of the workbench's own per-step work (``Recorder`` + ``Observer``)."""
-    import threading
+def measure_speed(model, hf, tok, engines: dict, n: int, repeats: int) -> dict[str, list]:
+    """{row name: [(ttft s, tok/s), ...]}; checks the exact paths' tokens against plain."""
+    settings = GenerationSettings(max_new_tokens=n, greedy=True, top_alternatives=5)
+    rows: dict[str, list] = {"plain transformers generate": []}
+    rows.update({f"workbench {p}": [] for p in PATHS})
+    rows.update({name: [] for name in engines})
+    for _ in range(repeats):  # interleaved: load from elsewhere hits every row alike
+        ttft, tps, reference = plain_run(hf, tok, n)
+        rows["plain transformers generate"].append((ttft, tps))
+        for path in PATHS:
+            r = model.generate(PROMPT, replace(settings, decode_path=path))
+            rows[f"workbench {path}"].append((r.first_token_seconds, r.tokens_per_second))
+            if path == "reference":
+                assert [t.id for t in r.tokens] == reference, "reference path differs from plain"
+        for name, engine in engines.items():
+            ttft, tps, _text = engine.run(PROMPT, n)
+            rows[name].append((ttft, tps))
+    return rows
 
-    from engine.generation.decoding import Observer, Recorder
 
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    scores = torch.randn(1, vocab)
-    seq = torch.tensor([ids])
-    recorder = Recorder(5)
-    observer = Observer(loaded.tokenizer, recorder, (), threading.Event())
-    with torch.inference_mode():
-        start = time.perf_counter()
-        for i in range(1, len(ids) + 1):
-            recorder(seq[:, :i], scores)
-            observer(seq[:, :i], scores)
-        return (time.perf_counter() - start) / len(ids)
+def best_tps(runs) -> float:
+    return max(r[1] for r in runs)
 
 
-def profile_decode(loaded, enc, n: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
+def print_speed(rows: dict[str, list], phase: str) -> dict[str, float]:
+    plain = best_tps(rows["plain transformers generate"])
+    print(f"\n{phase}")
+    print(f"{'':<36}{'decode tok/s':>17}{'TTFT ms':>14}{'vs plain':>10}")
+    for name, runs in rows.items():
+        tps, ttft = best_tps(runs), min(r[0] for r in runs)
+        med_tps, med_ttft = (
+            statistics.median(r[1] for r in runs),
+            statistics.median(r[0] for r in runs),
+        )
+        print(
+            f"{name:<36}{tps:>8.1f} ({med_tps:5.1f}){ttft * 1e3:>7.0f} ({med_ttft * 1e3:4.0f})"
+            f"{tps / plain:>10.2f}"
+        )
+    return {name: best_tps(runs) for name, runs in rows.items()} | {
+        "ttft": min(r[0] for r in rows[f"workbench {DEFAULT}"])
+    }
 
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        loaded.model.generate(**enc, max_new_tokens=n, do_sample=False)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+def goals(speed: dict[str, float], phase: str) -> list[tuple[str, float, float]]:
+    """(goal, measured, threshold) rows; llama.cpp rows only when it ran."""
+    plain = speed["plain transformers generate"]
+    out = [
+        (
+            f"{phase}: default ({DEFAULT}) vs plain transformers",
+            speed[f"workbench {DEFAULT}"] / plain,
+            1.0,
+        )
+    ]
+    if "llama.cpp F32" in speed:
+        out.append(
+            (
+                f"{phase}: default vs llama.cpp F32",
+                speed[f"workbench {DEFAULT}"] / speed["llama.cpp F32"],
+                0.8,
+            )
+        )
+        out.append(
+            (
+                f"{phase}: fast ({FAST}) vs llama.cpp Q4_1",
+                speed[f"workbench {FAST}"] / speed["llama.cpp Q4_1"],
+                0.8,
+            )
+        )
+    out.append(
+        (f"{phase}: default TTFT, 15-token prompt (ms, at most)", speed["ttft"] * 1e3, 150.0)
+    )
+    return out
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """First position where two id lists differ (None when equal)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def perplexity_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean NLL) of ids[1:] under logits[:-1]; logits (1, T, V), ids (1, T)."""
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    return math.exp(float(nll))
+
+
+def stepwise_logits(lean, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (1, T, V) of ``ids`` (1, T) fed one token at a time, as decode steps compute
+    them (the int8 path quantizes only single-row products)."""
+    steps = [lean.prefill(ids[:, :1], None, ids.shape[1])]
+    for i in range(1, ids.shape[1]):
+        steps.append(lean.step(ids[0, i : i + 1]))
+    lean.release()
+    return torch.stack(steps, dim=1)
+
+
+def exactness(model, tok, engines: dict, n: int, prompts: list[str]) -> None:
+    settings = GenerationSettings(max_new_tokens=n, greedy=True, top_alternatives=0)
+    outputs = {p: [] for p in PATHS}
+    for prompt in prompts:
+        for path in PATHS:
+            r = model.generate(prompt, replace(settings, decode_path=path))
+            outputs[path].append(([t.id for t in r.tokens], r.text))
+    reference = outputs["reference"]
+    text = (REPO / "engine" / "data" / "stories.txt").read_text()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    loaded = model.loaded
+    with loaded.use(), torch.inference_mode():
+        ppl = {"reference": perplexity_of(loaded.model(input_ids=ids).logits, ids)}
+        for path in PATHS[1:]:
+            ppl[path] = perplexity_of(stepwise_logits(decoder_for(loaded, path).lean, ids), ids)
+    print(
+        f"\nexactness against the reference path: {len(prompts)} prompts x {n} greedy tokens; "
+        f"perplexity of engine/data/stories.txt ({ids.shape[1]} tokens, fed as decode steps)"
+    )
+    print(
+        f"{'':<24}{'identical':>10}{'first divergence (median, min)':>33}{'perplexity':>12}{'vs ref':>9}"
+    )
+    for path in PATHS:
+        pairs = [
+            first_divergence(a[0], b[0]) for a, b in zip(reference, outputs[path], strict=True)
+        ]
+        diverged = [d for d in pairs if d is not None]
+        where = f"{statistics.median(diverged):.0f}, {min(diverged)}" if diverged else "-"
+        print(
+            f"workbench {path:<14}{pairs.count(None)}/{len(pairs):<7}{where:>33}"
+            f"{ppl[path]:>12.4f}{ppl[path] / ppl['reference'] - 1:>+9.3%}"
+        )
+    for name, engine in engines.items():  # llama.cpp gives text: compared as text
+        same = sum(engine.run(p, n)[2] == ref[1] for p, ref in zip(prompts, reference, strict=True))
+        print(f"{name:<24}{same}/{len(prompts):<7}{'(text compared)':>33}")
+    print("goal: every path's perplexity within 1 % of the reference's")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=40, help="new tokens per run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per path")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler table of a run")
+    parser.add_argument("--tokens", type=int, default=40, help="new tokens per timed run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row and phase")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=1,
+        help="spinning processes in the loaded phase (0: no loaded phase)",
+    )
+    parser.add_argument("--prompts", type=int, default=20, help="prompts for exactness")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 repeats, 5 prompts, no loaded phase"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.prompts, args.load = 2, 5, 0
 
-    home = os.environ.get("WORKBENCH_HOME") or str(REPO / ".cache" / "test-home")
-    wb = Workbench(home=home, device=os.environ.get("WORKBENCH_DEVICE", "cpu"))
-    started = time.perf_counter()
+    wb = Workbench(home=os.environ.get("WORKBENCH_HOME") or HOME, device="cpu")
     model = wb.load("smollm2-135m")
-    loaded = model.loaded
-    hf, tok = loaded.model, loaded.tokenizer
-    print(f"loaded {model.name} in {time.perf_counter() - started:.1f} s from {home}")
-    enc = tok(PROMPT, return_tensors="pt").to(loaded.device)
-    n = args.tokens
-    settings = GenerationSettings(max_new_tokens=n, greedy=True, top_alternatives=5)
-
-    # warm-up (first calls allocate and pick kernels)
-    plain_run(hf, enc, 4, tok.pad_token_id)
-    model.generate(PROMPT, settings, max_new_tokens=4)
-
-    plain, dnn, api, stream = [], [], [], []
-    reference = None
-    for _ in range(args.repeats):  # interleaved, so load from other processes hits all paths
-        ttft, tps, ids = plain_run(hf, enc, n, tok.pad_token_id)
-        plain.append((ttft, tps))
-        reference = ids
-        ttft, tps, ids = plain_run(hf, enc, n, tok.pad_token_id, onednn=True)
-        dnn.append((ttft, tps))
-        assert ids == reference, "oneDNN greedy output differs from plain generate"
-        r = model.generate(PROMPT, settings)
-        api.append((r.first_token_seconds, r.tokens_per_second))
-        assert [t.id for t in r.tokens] == ids, "API greedy output differs from plain generate"
-        run = model.stream(PROMPT, settings)
-        r = run.wait()
-        stream.append((r.first_token_seconds, r.tokens_per_second))
-        assert [t.id for t in r.tokens] == ids, "streamed greedy output differs from plain"
-
+    hf, tok = model.loaded.model, model.loaded.tokenizer
     threads = torch.get_num_threads()
-    bw_all, bw_one, bw_copy = read_bandwidth(threads), read_bandwidth(1), copy_bandwidth()
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied: once
-    lin_s, head_s, lin_bytes, head_usage, dnn_s, dnn_usage = linear_floor(hf, args.repeats)
+    engines = {}
+    if _llamacpp.available():
+        q4 = _llamacpp.shipped_gguf()
+        f32 = _llamacpp.f32_copy(q4, REPO / ".cache" / "smollm2-135m-f32.gguf")
+        engines = {
+            "llama.cpp F32": _llamacpp.LlamaCpp(f32, threads),
+            "llama.cpp Q4_1": _llamacpp.LlamaCpp(q4, threads),
+        }
+    else:
+        print("llama.cpp rows skipped: llama-cpp-python is not installed (make bench-deps)")
+    print(
+        f"SmolLM2-135M float32 on CPU, {threads} torch threads, {os.cpu_count()} CPUs; "
+        f"{args.tokens} new tokens, greedy, best of {args.repeats} interleaved runs (median)"
+    )
+    for path in PATHS:  # warm-up: build each path's decoder, first calls pick kernels
+        model.generate(PROMPT, GenerationSettings(max_new_tokens=4, greedy=True, decode_path=path))
+    plain_run(hf, tok, 4)
+    for engine in engines.values():
+        engine.run(PROMPT, 4)
 
-    def best(rows, i):  # the least disturbed run: tok/s is the max, TTFT the min
-        return max(r[i] for r in rows) if i else min(r[i] for r in rows)
+    results = []
+    phases = [("idle", 0)] + (
+        [(f"under load ({args.load} spinning processes)", args.load)] if args.load else []
+    )
+    for phase, spinners in phases:
+        procs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(spinners)]
+        for p in procs:
+            p.start()
+        try:
+            time.sleep(0.5 if spinners else 0)
+            rows = measure_speed(model, hf, tok, engines, args.tokens, args.repeats)
+            load = os.getloadavg()[0]
+        finally:
+            for p in procs:
+                p.kill()
+        speed = print_speed(rows, f"{phase}; 1-min load average {load:.2f}")
+        results += goals(speed, phase.split(" (")[0])
+    print("\ngoals")
+    for name, value, threshold in results:
+        ok = value <= threshold if "at most" in name else value >= threshold
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {value:.2f} (goal {threshold:g})")
 
-    def med(rows, i):
-        return statistics.median(r[i] for r in rows)
-
-    hook_s = hook_seconds(loaded, reference)
-    p_tps, p_ttft = best(plain, 1), best(plain, 0)
-    bw = max(bw_all, bw_one)  # the most the memory system delivered in this run
-    ceiling = bw / weight_bytes
-    step = 1 / p_tps
-    print(
-        f"\n{hf.__class__.__name__}, {weight_bytes / 1e6:.0f} MB of weights "
-        f"({next(hf.parameters()).dtype}), {threads} torch threads, device {loaded.device}; "
-        f"{len(reference)} new tokens, greedy, best of {args.repeats} interleaved runs "
-        "(median in brackets)"
-    )
-    print(f"\n{'path':<35}{'decode tok/s':>20}{'TTFT ms':>14}{'vs plain':>10}{'vs ceiling':>12}")
-    for name, rows in (
-        ("plain model.generate", plain),
-        ("plain generate, oneDNN linears", dnn),
-        ("workbench Model.generate (API/CLI)", api),
-        ("workbench Model.stream (page)", stream),
-    ):
-        tps = best(rows, 1)
-        print(
-            f"{name:<35}{tps:>11.2f} ({med(rows, 1):5.2f}){best(rows, 0) * 1e3:>7.0f} "
-            f"({med(rows, 0) * 1e3:4.0f}){tps / p_tps:>10.3f}{tps / ceiling:>12.1%}"
-        )
-    print(
-        f"\nmemory read bandwidth: {bw_all / 1e9:.1f} GB/s ({threads} threads), "
-        f"{bw_one / 1e9:.1f} GB/s (1 thread); copy {bw_copy / 1e9:.1f} GB/s (read+write)"
-    )
-    print(
-        f"bandwidth ceiling: {weight_bytes / 1e6:.0f} MB/token / {bw / 1e9:.1f} GB/s = "
-        f"{ceiling:.1f} tok/s ({1e3 / ceiling:.1f} ms/token)"
-    )
-    print(f"\nwhere a plain decode step goes ({step * 1e3:.1f} ms/token):")
-    print(
-        f"  all linear layers alone, batch 1 : {lin_s * 1e3:6.1f} ms  "
-        f"({lin_s / step:5.1%} of the step; {lin_bytes / lin_s / 1e9:.1f} GB/s effective)"
-    )
-    print(
-        f"    of which lm_head (tied 49152x576): {head_s * 1e3:6.1f} ms  "
-        f"({head_s / step:5.1%}; CPU/wall {head_usage:.2f} = threads actually used)"
-    )
-    print(
-        f"  everything else (attention, norms, RoPE, sampling, Python): "
-        f"{(step - lin_s) * 1e3:6.1f} ms ({(step - lin_s) / step:5.1%})"
-    )
-    print(
-        f"  all linear layers on oneDNN (the workbench path): {dnn_s * 1e3:6.1f} ms  "
-        f"({lin_bytes / dnn_s / 1e9:.1f} GB/s effective; lm_head CPU/wall {dnn_usage:.2f}); "
-        f"speed-up of the linears {lin_s / dnn_s:.2f}x"
-    )
-    print(
-        f"  workbench hooks per token (log-softmax, top-5, token record, stop check): "
-        f"{hook_s * 1e3:.3f} ms ({hook_s / step:.2%} of the step)"
-    )
-    print(f"\nTTFT plain {p_ttft * 1e3:.0f} ms for a {enc['input_ids'].shape[1]}-token prompt")
-    if hasattr(os, "getloadavg"):  # other processes on the cores slow the 2-thread oneDNN path
-        print(f"load average at the end (1 min): {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    if args.profile:
-        profile_decode(loaded, enc, n)
+    prompts = (REPO / "bench" / "data" / "prompts.txt").read_text().splitlines()[: args.prompts]
+    exactness(model, tok, engines, 32, prompts)
     return 0
 
 

@@ -4,7 +4,7 @@ At batch 1 on a CPU, transformers' Llama forward spends most of a decode step ou
 matrix products: cache objects, mask building, RoPE recomputed per layer, one product per
 projection. ``LeanDecoder`` computes the same function with fewer operations:
 
-- q/k/v are one product and gate/up another (their weights concatenated once);
+- q/k/v are one call and gate/up another (``MakeLinear`` may fuse their weights);
 - RoPE cos/sin come from the model's own rotary module, computed once for every position;
 - keys and values are written in place into a cache allocated once per generation;
 - each product is a ``Linear`` callable chosen by the decode path (``engine.generation.paths``):
@@ -20,17 +20,18 @@ reference model is never modified: attention, attribution and fine-tuning still 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LeanDecoder", "Linear", "MakeLinear", "lean_supported"]
+__all__ = ["LeanDecoder", "Linear", "MakeLinear", "float_linear", "lean_supported"]
 
 Linear = Callable[[torch.Tensor], torch.Tensor]  # (rows, in_features) -> (rows, out_features)
-# (role, weight (out, in), bias or None) -> Linear; role is "qkv", "o", "gate_up", "down", "head"
-MakeLinear = Callable[[str, torch.Tensor, torch.Tensor | None], Linear]
+# (role, layers) -> one Linear whose output is the layers' outputs side by side; role is "qkv"
+# (q, k, v projections), "o", "gate_up" (gate, up), "down" or "head"
+MakeLinear = Callable[[str, Sequence[torch.nn.Linear]], Linear]
 
 _MODEL_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on length
@@ -66,15 +67,21 @@ class _Layer:
     norm_mlp: torch.Tensor  # (hidden,)
 
 
-def _cat_bias(*layers: torch.nn.Linear) -> torch.Tensor | None:
-    if all(layer.bias is None for layer in layers):
-        return None
-    return torch.cat(
-        [
-            layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
-            for layer in layers
-        ]
-    )
+def _product(layer: torch.nn.Linear) -> Linear:
+    # ``x @ W^T`` on the transposed view: a one-row product goes to gemm, which uses every
+    # thread, where ``F.linear`` goes to a one-thread gemv (37.5 against 35.7 tok/s on SmolLM2)
+    weight_t, bias = layer.weight.t(), layer.bias
+    if bias is None:
+        return lambda x: x @ weight_t
+    return lambda x: torch.addmm(bias, x, weight_t)
+
+
+def float_linear(role: str, layers: Sequence[torch.nn.Linear]) -> Linear:
+    """The layers' own float products, side by side (no copy of their weights)."""
+    products = [_product(layer) for layer in layers]
+    if len(products) == 1:
+        return products[0]
+    return lambda x: torch.cat([product(x) for product in products], dim=-1)
 
 
 class LeanDecoder:
@@ -97,21 +104,18 @@ class LeanDecoder:
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(
                 _Layer(
-                    qkv=make_linear("qkv", qkv, _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)),
-                    o=make_linear("o", attn.o_proj.weight, attn.o_proj.bias),
-                    gate_up=make_linear("gate_up", gate_up, _cat_bias(mlp.gate_proj, mlp.up_proj)),
-                    down=make_linear("down", mlp.down_proj.weight, mlp.down_proj.bias),
+                    qkv=make_linear("qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
+                    o=make_linear("o", (attn.o_proj,)),
+                    gate_up=make_linear("gate_up", (mlp.gate_proj, mlp.up_proj)),
+                    down=make_linear("down", (mlp.down_proj,)),
                     norm_attn=layer.input_layernorm.weight,
                     norm_mlp=layer.post_attention_layernorm.weight,
                 )
             )
         self.norm = inner.norm.weight
-        head = model.get_output_embeddings()
-        self.head = make_linear("head", head.weight, getattr(head, "bias", None))
+        self.head = make_linear("head", (model.get_output_embeddings(),))
         positions = int(getattr(config, "max_position_embeddings", 0) or 4096)
         with torch.no_grad():
             ids = torch.arange(positions, device=self.embed.device)[None]

@@ -4,9 +4,10 @@
   and fine-tuning always use this model, so "explain this answer" explains the reference.
 - ``lean``: ``engine.generation.lean.LeanDecoder`` on the same float32 weights (fused
   products, a static KV cache). Logits equal the reference's to float32 rounding.
-- ``int8``: the lean decoder with int8 products (``engine.generation.int8``: int8 weights per
-  output channel, int8 activations per call, fbgemm). About twice as fast on a CPU, not exact:
-  ``bench/generation.py`` reports how often its greedy continuations match and its perplexity.
+- ``int8``: the lean decoder with int8 products for decode steps (``engine.generation.int8``:
+  int8 weights per output channel, int8 activations per token, smoothed, fbgemm); prompts stay
+  float32. About twice as fast on a CPU, not exact: ``bench/generation.py`` reports how often its
+  greedy continuations match and its perplexity.
 
 ``WORKBENCH_DECODE`` = ``auto`` (default), ``reference``, ``lean`` or ``int8``. ``auto`` takes the
 measured default (``lean``, ``bench/generation.py``) on a CPU where the model allows it, else the
@@ -27,11 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.errors import InputError
-from engine.generation.int8 import int8_available, pack_int8
-from engine.generation.lean import LeanDecoder, lean_supported
+from engine.generation.int8 import ALPHA, int8_available, int8_linears
+from engine.generation.lean import LeanDecoder, float_linear, lean_supported
 
 __all__ = [
     "DECODE_PATHS",
@@ -150,29 +150,23 @@ def _lean_generate(
     return ids
 
 
-def _float_linear(role: str, weight: torch.Tensor, bias: torch.Tensor | None):
-    return lambda x: F.linear(x, weight, bias)
-
-
-def _build(model: torch.nn.Module, name: str) -> Decoder:
+def _build(loaded, name: str) -> Decoder:
+    model = loaded.model
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     if name == "reference":
         return Decoder(model, DecodePath("reference", f"transformers generate, {dtype}"), None)
     if name == "lean":
-        lean = LeanDecoder(model, _float_linear)
-        detail = f"lean decoder, {dtype}, fused q/k/v and gate/up, static KV cache"
+        lean = LeanDecoder(model, float_linear)
+        detail = f"lean decoder, {dtype}, static KV cache"
         return Decoder(model, DecodePath("lean", detail), lean)
     errors: list[float] = []
-
-    def packed(role: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        linear = pack_int8(weight, bias)
-        errors.append(linear.max_error)
-        return linear
-
-    lean = LeanDecoder(model, packed)
+    with loaded.tokenizing() as tokenizer:
+        make = int8_linears(model, tokenizer, errors)
+    lean = LeanDecoder(model, make)
     detail = (
-        "lean decoder, int8 weights (per output channel) and int8 activations (per call), "
-        f"fbgemm; largest weight error {max(errors):.1e}"
+        "lean decoder, int8 weights (per output channel) and activations (per token), "
+        f"SmoothQuant alpha {ALPHA}, fbgemm; prompts in {dtype}; "
+        f"largest weight error {max(errors):.1e}"
     )
     return Decoder(model, DecodePath("int8", detail), lean)
 
@@ -185,5 +179,5 @@ def decoder_for(loaded, override: str | None = None) -> Decoder:
     name = choose_decode_path(loaded.model, loaded.kind, override)
     decoder = loaded.decoders.get(name)
     if decoder is None:
-        decoder = loaded.decoders[name] = _build(loaded.model, name)
+        decoder = loaded.decoders[name] = _build(loaded, name)
     return decoder
