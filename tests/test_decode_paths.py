@@ -57,9 +57,9 @@ def test_int8_products_are_close_smoothed_and_leave_several_rows_to_float():
     layer = torch.nn.Linear(96, 48)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(48, 96, generator=g))
-    x = torch.randn(1, 96, generator=g)
-    x[0, 5] = 80.0  # an outlier channel, as language models have
-    input_max = x[0].abs()
+    x = torch.randn(1, 1, 96, generator=g)  # one decode step of one row
+    x[0, 0, 5] = 80.0  # an outlier channel, as language models have
+    input_max = x[0, 0].abs()
     plain = pack_int8([layer], float_linear("o", [layer]), None)
     smoothed = pack_int8([layer], float_linear("o", [layer]), input_max)
     with torch.no_grad():
@@ -69,9 +69,11 @@ def test_int8_products_are_close_smoothed_and_leave_several_rows_to_float():
     smoothed_error = (smoothed(x) - want).abs().max()
     assert smoothed_error < plain_error / 2  # smoothing moves the outlier into the weights
     assert smoothed_error / want.abs().max() < 0.02
-    rows = torch.randn(3, 96, generator=g)
+    prompt = torch.randn(1, 3, 96, generator=g)
     with torch.no_grad():
-        assert torch.equal(smoothed(rows), layer(rows))  # a prompt runs the float layer
+        assert torch.allclose(smoothed(prompt), layer(prompt), atol=1e-5)  # float for a prompt
+    batch = torch.cat([torch.randn(2, 1, 96, generator=g), x])  # a step of 3 rows
+    assert torch.equal(smoothed(batch)[2:], smoothed(x))  # a row's numbers are its own
 
 
 def test_each_path_records_itself_and_lean_gives_the_reference_tokens(workbench, tiny_models):

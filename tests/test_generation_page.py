@@ -106,6 +106,8 @@ def test_greedy_run_matches_plain_generate_and_exports(app, tiny_models):
     assert 'class="gen-token"' in html and "hsl(" in html
     labels = [b.proto.label for b in app.get("download_button")]
     assert labels == ["Export run (JSON)", "Export tokens (CSV)"]
+    assert result.provenance.decode_path == "lean"  # the CPU default, shown in the sidebar
+    assert any("Decode path: **lean**" in c.value for c in app.sidebar.caption)
 
 
 def test_seeded_sampling_on_the_page_is_reproducible(app):

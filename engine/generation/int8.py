@@ -13,8 +13,9 @@ tok/s on SmolLM2 against 38), while fbgemm's dynamic int8 product
   ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``, where ``max|x_j|`` is measured once on
   ``CALIBRATION`` (512 tokens of the shipped instruction data), the same for every machine. The
   division by ``s`` is done on the activations, so the model's weights and norms are untouched.
-- Calls with more than one row (a prompt, a batch) run the layers' own float32 products: the
-  prompt's logits are the reference's, and only decode steps are quantized.
+- A prompt runs the layers' own float32 products (its logits are the reference's); only decode
+  steps are quantized, each row of a batch alone, so a batched request gets the numbers it
+  gets alone.
 
 This is not exact: ``bench/generation.py`` reports how often greedy continuations match the
 reference, where they first diverge, and the perplexity change (goal: within 1 %).
@@ -60,7 +61,9 @@ def _has_vnni() -> bool:
 
 @dataclass
 class Int8Linear:
-    """(rows, in) float32 -> (rows, out) float32: int8 for one row, the float layers for more.
+    """(B, T, in) float32 -> (B, T, out) float32: a decode step (T == 1) in int8, one call per
+    row so that a row's numbers never depend on the other rows of a batch; a prompt (T > 1)
+    through the layers' own float products.
 
     ``max_error``: largest |dequantized - original| weight (after smoothing, divided back).
     """
@@ -72,9 +75,13 @@ class Int8Linear:
     reduce_range: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != 1:
+        if x.shape[1] != 1:
             return self.layers(x)
-        return torch.ops.quantized.linear_dynamic(x / self.smooth, self.packed, self.reduce_range)
+        rows = x / self.smooth  # (B, 1, in)
+        product = torch.ops.quantized.linear_dynamic
+        if rows.shape[0] == 1:
+            return product(rows, self.packed, self.reduce_range)
+        return torch.stack([product(row, self.packed, self.reduce_range) for row in rows])
 
 
 def _calibration_ids(tokenizer) -> torch.Tensor:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 __all__ = ["LeanDecoder", "Linear", "MakeLinear", "float_linear", "lean_supported"]
 
-Linear = Callable[[torch.Tensor], torch.Tensor]  # (rows, in_features) -> (rows, out_features)
+# (B, T, in_features) -> (B, T, out_features); T == 1 in a decode step, T > 1 for a prompt
+Linear = Callable[[torch.Tensor], torch.Tensor]
 # (role, layers) -> one Linear whose output is the layers' outputs side by side; role is "qkv"
 # (q, k, v projections), "o", "gate_up" (gate, up), "down" or "head"
 MakeLinear = Callable[[str, Sequence[torch.nn.Linear]], Linear]
@@ -73,7 +74,7 @@ def _product(layer: torch.nn.Linear) -> Linear:
     weight_t, bias = layer.weight.t(), layer.bias
     if bias is None:
         return lambda x: x @ weight_t
-    return lambda x: torch.addmm(bias, x, weight_t)
+    return lambda x: x @ weight_t + bias
 
 
 def float_linear(role: str, layers: Sequence[torch.nn.Linear]) -> Linear:
@@ -156,7 +157,7 @@ class LeanDecoder:
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         for layer, (keys, values) in zip(self.layers, self._cache, strict=True):
             h = F.rms_norm(x, (x.shape[-1],), layer.norm_attn, self.eps)
-            qkv = layer.qkv(h.view(batch * length, -1)).view(batch, length, hq + 2 * hk, d)
+            qkv = layer.qkv(h).view(batch, length, hq + 2 * hk, d)
             qk = self._rope(qkv[:, :, : hq + hk], positions)
             keys[:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
             values[:, :, start:end] = qkv[:, :, hq + hk :].transpose(1, 2)
@@ -169,16 +170,15 @@ class LeanDecoder:
                 is_causal=mask is None and length > 1,
                 enable_gqa=hq != hk,
             )
-            x = x + layer.o(attn.transpose(1, 2).reshape(batch * length, hq * d)).view_as(x)
+            x = x + layer.o(attn.transpose(1, 2).reshape(batch, length, hq * d))
             h = F.rms_norm(x, (x.shape[-1],), layer.norm_mlp, self.eps)
-            gate, up = layer.gate_up(h.view(batch * length, -1)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up).view_as(x)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         self._filled = end
-        if every_position:
-            out = F.rms_norm(x, (x.shape[-1],), self.norm, self.eps).view(batch * length, -1)
-            return self.head(out).float().view(batch, length, -1)
-        last = F.rms_norm(x[:, -1], (x.shape[-1],), self.norm, self.eps)
-        return self.head(last).float()
+        if not every_position:
+            x = x[:, -1:]
+        logits = self.head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)).float()
+        return logits if every_position else logits[:, 0]
 
     def _allocate(self, batch: int, total: int) -> None:
         """An empty KV cache of ``total`` positions per row."""

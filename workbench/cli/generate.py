@@ -22,6 +22,7 @@ def _settings(args) -> GenerationSettings:
         seed=args.seed,
         stop_sequences=tuple(args.stop or ()),
         keep_last_tokens=args.keep_last_tokens,
+        decode_path=None if args.decode == "auto" else args.decode,
     )
 
 
@@ -54,7 +55,8 @@ def generate(args, _extra) -> int:
     ppl = f"{result.perplexity:.2f}" if result.perplexity is not None else "n/a"
     print(
         f"[{len(result.tokens)} tokens, {result.finish_reason}, perplexity {ppl}, "
-        f"{'seed ' + str(result.settings.seed) if result.settings.seed is not None else 'no seed (greedy)'}]",
+        f"{'seed ' + str(result.settings.seed) if result.settings.seed is not None else 'no seed (greedy)'}, "
+        f"{result.provenance.decode_path} path, {result.tokens_per_second or 0:.1f} tok/s]",
         file=sys.stderr,
     )
     return 0
@@ -99,6 +101,12 @@ def register(sub) -> None:
         "--keep-last-tokens",
         action="store_true",
         help="if the prompt is too long for the context, keep its last tokens",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=("auto", "reference", "lean", "int8"),
+        default="auto",
+        help="decode path (default: $WORKBENCH_DECODE, else the measured default, lean on CPU)",
     )
     parser.add_argument("--chat", action="store_true", help="use the model's chat template")
     parser.add_argument("--system", default="", help="system message (with --chat)")
