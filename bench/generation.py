@@ -219,6 +219,52 @@ def exactness(model, tok, engines: dict, n: int, prompts: list[str]) -> None:
     print("goal: every path's perplexity within 1 % of the reference's")
 
 
+def step_breakdown(loaded, tok, n: int) -> None:
+    """Where a decode step goes on the lean paths: the products against everything else (the
+    most a compiled step, which fuses the rest, could save)."""
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    print(f"\nwhere a decode step goes ({n} steps, batch 1)")
+    spent = [0.0]
+
+    def timed(product):
+        def run(x):
+            started = time.perf_counter()
+            out = product(x)
+            spent[0] += time.perf_counter() - started
+            return out
+
+        return run
+
+    for path in PATHS[1:]:
+        lean = decoder_for(loaded, path).lean
+
+        saved = [
+            (layer, name, getattr(layer, name))
+            for layer in lean.layers
+            for name in ("qkv", "o", "gate_up", "down")
+        ]
+        saved.append((lean, "head", lean.head))
+        for owner, name, product in saved:
+            setattr(owner, name, timed(product))
+        try:
+            with loaded.use(), torch.inference_mode():
+                logits = lean.prefill(ids, None, n)
+                spent[0], started = 0.0, time.perf_counter()
+                for _ in range(n - 1):
+                    logits = lean.step(logits.argmax(-1))
+                step = (time.perf_counter() - started) / (n - 1)
+                lean.release()
+        finally:
+            for owner, name, product in saved:
+                setattr(owner, name, product)
+        products = spent[0] / (n - 1)
+        print(
+            f"  {path:<6}{step * 1e3:6.1f} ms: products {products * 1e3:5.1f} ms ({products / step:4.0%}), "
+            f"everything else {(step - products) * 1e3:4.1f} ms -> at most {step / products:.2f}x "
+            "from fusing the rest (torch.compile)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=40, help="new tokens per timed run")
@@ -283,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = value <= threshold if "at most" in name else value >= threshold
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {value:.2f} (goal {threshold:g})")
 
+    step_breakdown(model.loaded, tok, args.tokens)
     prompts = (REPO / "bench" / "data" / "prompts.txt").read_text().splitlines()[: args.prompts]
     exactness(model, tok, engines, 32, prompts)
     return 0

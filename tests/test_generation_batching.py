@@ -347,3 +347,20 @@ def test_int8_rows_in_a_batch_get_their_single_request_answers(llama):
         )
     # the batched prompt's float rounding can move an int8 rounding: measured 1.5e-3
     assert worst < 1e-2, worst
+
+
+def test_a_batch_runs_on_past_a_finished_rows_context(llama):
+    # the tiny model has 128 positions: the long row ends after 5 tokens at position 106, then
+    # is fed padding while the short row goes on for 100 tokens
+    long_prompt, short_prompt = " ".join(["the"] * 100), "hello world"
+    long, short = replace(GREEDY, max_new_tokens=5), replace(GREEDY, max_new_tokens=100)
+    single = [llama.generate(long_prompt, long), llama.generate(short_prompt, short)]
+    assert single[1].finish_reason == "length"  # it does run for 100 tokens
+    users = students(2)
+    started = queue_while_held(
+        llama, [(users[0], long_prompt, long), (users[1], short_prompt, short)]
+    )
+    results = [run.wait(60) for run in started]
+    assert [r.batch_size for r in results] == [2, 2]
+    for one, batched in zip(single, results, strict=True):
+        assert_same(one, batched)

@@ -202,9 +202,7 @@ class LeanDecoder:
         Allocates the cache for T + max_new_tokens positions; returns logits (B, vocab).
         """
         batch, length = input_ids.shape
-        total = length + max_new_tokens
-        if total > self.max_positions:
-            raise ValueError(f"{total} positions exceed the model's {self.max_positions}")
+        total = length + max_new_tokens  # cache slots; a row's positions stay within its own
         like = self.embed
         self._allocate(batch, total)
         valid = torch.ones(batch, total, dtype=torch.bool, device=like.device)
@@ -230,7 +228,10 @@ class LeanDecoder:
         mask = None
         if self._keys_valid is not None:
             mask = self._keys_valid[:, None, None, : self._filled + 1]  # (B, 1, 1, keys)
-        logits = self._forward(next_ids[:, None], positions[:, None], mask)
+        # a finished row of a batch is fed padding until the others end: its positions may run
+        # past the model's; clamped, they only change outputs nobody reads
+        at = positions.clamp(max=self.max_positions - 1)
+        logits = self._forward(next_ids[:, None], at[:, None], mask)
         self._positions = positions + 1
         return logits
 
