@@ -249,3 +249,13 @@ def test_empty_page_suggests_a_first_prompt(app):
     app.button(key="gen_example").click().run()
     assert app.text_area(key="gen_input").value.startswith("The Eiffel Tower")
     assert not [b for b in app.button if b.key == "gen_example"]  # gone once there is text
+
+
+def test_a_bad_decode_setting_is_said_in_the_sidebar_not_a_traceback(app, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DECODE", "warp")
+    generate(app, gen_max_new_tokens=3, gen_greedy=True)
+    assert wait_for_result(app) is None  # the run ends in an error
+    app.run()
+    assert not app.exception
+    assert any("Unknown decode path 'warp'" in w.value for w in app.sidebar.warning)
+    assert "Unknown decode path 'warp'" in str(app.session_state["gen_error"])

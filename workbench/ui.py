@@ -209,7 +209,11 @@ def model_picker() -> None:
             st.form_submit_button("Use this model", on_click=_use_other_model)
     place = wb.placement
     st.sidebar.caption(f"Device: **{place.device}** · dtype: **{place.dtype_name}**")
-    path = wb.decode_path(current)
+    try:
+        path = wb.decode_path(current)
+    except EngineError as exc:  # a bad WORKBENCH_DECODE: said here, and by every generation
+        st.sidebar.warning(str(exc))
+        path = None
     if path is not None:
         from engine.generation.paths import DESCRIPTIONS
 
