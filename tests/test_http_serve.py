@@ -107,3 +107,20 @@ def test_leaving_a_stream_cancels_the_generation(served):
     assert record is not None, "the run never ended"
     result = record["result"]
     assert result["finish_reason"] == "cancelled" and len(result["tokens"]) < 400
+
+
+def test_stopping_serve_stops_the_server_it_started(tmp_path):
+    """`workbench serve` becomes the Streamlit process: stopping it leaves nothing listening
+    (it used to run Streamlit as a child that outlived it)."""
+    import socket
+
+    with served_workbench(tmp_path / "home", name="stop-server") as url:
+        port = int(url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            return  # nothing listens any more
+        time.sleep(0.2)
+    pytest.fail(f"a server still listens on port {port} after `workbench serve` was stopped")

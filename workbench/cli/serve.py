@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -115,10 +114,11 @@ def serve(args, extra: list[str]) -> int:
     login_required = check_exposure(extra, args.no_auth, require_login=args.auth)
     command, cwd, env = serve_command(extra)
     exposure_env(env, login_required=login_required, no_auth=args.no_auth)
-    try:
-        return subprocess.call(command, cwd=cwd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    # Become the server (exec, not a child): a signal to `workbench serve` (a supervisor's
+    # stop, a test's terminate) reaches Streamlit itself instead of orphaning it.
+    os.chdir(cwd)
+    os.execve(command[0], command, env)
+    return 0  # not reached
 
 
 def register(sub) -> None:
