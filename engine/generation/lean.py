@@ -121,7 +121,12 @@ class LeanDecoder:
         with torch.no_grad():
             ids = torch.arange(positions, device=self.embed.device)[None]
             cos, sin = inner.rotary_emb(self.embed[:1][None].float(), ids)
-        self.cos, self.sin = cos[0].float(), sin[0].float()  # (positions, head_dim)
+        self.cos = cos[0].float()  # (positions, head_dim)
+        # rotate_half(x) = roll(x, half) with its first half negated: the sign goes into sin
+        half = self.cos.shape[-1] // 2
+        sign = torch.ones_like(self.cos[0])
+        sign[:half] = -1
+        self.sin = sin[0].float() * sign
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._keys_valid: torch.Tensor | None = None  # (B, total) bool
         self._positions: torch.Tensor | None = None  # (B,) next position of each row
@@ -131,13 +136,14 @@ class LeanDecoder:
     def max_positions(self) -> int:
         return int(self.cos.shape[0])
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, heads, head_dim); positions: (B, T) -> rotated like transformers' RoPE."""
-        cos = self.cos[positions][:, :, None]  # (B, T, 1, head_dim)
-        sin = self.sin[positions][:, :, None]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # transformers' own steps (F.rms_norm took 40 us a call on a 576-wide row here)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, heads, head_dim); cos, sin: (B, T, 1, head_dim) -> transformers' RoPE."""
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin
 
     def _forward(
         self,
@@ -155,10 +161,11 @@ class LeanDecoder:
         start, end = self._filled, self._filled + length
         x = F.embedding(ids, self.embed)  # (B, T, hidden)
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
         for layer, (keys, values) in zip(self.layers, self._cache, strict=True):
-            h = F.rms_norm(x, (x.shape[-1],), layer.norm_attn, self.eps)
+            h = self._rms_norm(x, layer.norm_attn)
             qkv = layer.qkv(h).view(batch, length, hq + 2 * hk, d)
-            qk = self._rope(qkv[:, :, : hq + hk], positions)
+            qk = self._rope(qkv[:, :, : hq + hk], cos, sin)
             keys[:, :, start:end] = qk[:, :, hq:].transpose(1, 2)
             values[:, :, start:end] = qkv[:, :, hq + hk :].transpose(1, 2)
             q = qk[:, :, :hq].transpose(1, 2)  # (B, hq, T, d)
@@ -171,13 +178,13 @@ class LeanDecoder:
                 enable_gqa=hq != hk,
             )
             x = x + layer.o(attn.transpose(1, 2).reshape(batch, length, hq * d))
-            h = F.rms_norm(x, (x.shape[-1],), layer.norm_mlp, self.eps)
+            h = self._rms_norm(x, layer.norm_mlp)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         self._filled = end
         if not every_position:
             x = x[:, -1:]
-        logits = self.head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)).float()
+        logits = self.head(self._rms_norm(x, self.norm)).float()
         return logits if every_position else logits[:, 0]
 
     def _allocate(self, batch: int, total: int) -> None:
