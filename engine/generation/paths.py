@@ -2,8 +2,9 @@
 
 - ``reference``: transformers' own ``generate`` on the model as loaded. Attention, attribution
   and fine-tuning always use this model, so "explain this answer" explains the reference.
-- ``lean``: ``engine.generation.lean.LeanDecoder`` on the same float32 weights (fused
-  products, a static KV cache). Logits equal the reference's to float32 rounding.
+- ``lean``: ``engine.generation.lean.LeanDecoder`` on the same float32 weights (one call for
+  q/k/v and one for gate/up, a static KV cache). Logits equal the reference's to float32
+  rounding.
 - ``int8``: the lean decoder with int8 products for decode steps (``engine.generation.int8``:
   int8 weights per output channel, int8 activations per token, smoothed, fbgemm); prompts stay
   float32. About twice as fast on a CPU, not exact: ``bench/generation.py`` reports how often its
@@ -45,10 +46,10 @@ __all__ = [
 
 ENV = "WORKBENCH_DECODE"
 DECODE_PATHS = ("reference", "lean", "int8")
-DEFAULT = "lean"  # chosen by measurement under load: bench/generation.py, README "Speed"
+DEFAULT = "lean"  # chosen by measurement, idle and under load: README "Decode paths"
 DESCRIPTIONS = {
     "reference": "transformers' own generate on the model as loaded",
-    "lean": "lean decoder on the same weights: fused products, static KV cache; "
+    "lean": "lean decoder on the same weights (static KV cache, fewer operations per step); "
     "logits equal the reference's to float32 rounding",
     "int8": "lean decoder with int8 weights and activations (fbgemm): about twice as fast on "
     "a CPU, not exact (see bench/generation.py for how close)",
