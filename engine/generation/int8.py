@@ -14,8 +14,8 @@ tok/s on SmolLM2 against 38), while fbgemm's dynamic int8 product
   ``CALIBRATION`` (512 tokens of the shipped instruction data), the same for every machine. The
   division by ``s`` is done on the activations, so the model's weights and norms are untouched.
 - A prompt runs the layers' own float32 products (its logits are the reference's); only decode
-  steps are quantized, each row of a batch alone, so a batched request gets the numbers it
-  gets alone.
+  steps are quantized, each row on its own. Requests on this path are never batched together
+  (``engine.generation.batching``): a batch's float rounding moves int8 roundings.
 
 This is not exact: ``bench/generation.py`` reports how often greedy continuations match the
 reference, where they first diverge, and the perplexity change (goal: within 1 %).
