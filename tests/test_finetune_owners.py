@@ -4,8 +4,12 @@ worker starting the next job by itself. Real jobs on a tiny classifier."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -15,6 +19,7 @@ from engine.finetune import JobStore
 from engine.finetune.jobs import ordinal
 from engine.ledger import Ledger
 from engine.store import ModelStore
+from tests.conftest import REPO
 from tests.test_finetune_jobs import clf_spec, train_steps
 
 ANA = User("ana", "student")
@@ -258,18 +263,28 @@ HOLDER = """
 """
 
 
+@contextlib.contextmanager
+def lane_held(home, job_id: str):
+    """A process attached to job ``job_id`` holds its fine-tuning slot until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(HOLDER), str(home), job_id],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
 def test_page_shows_a_user_their_jobs_their_place_in_line_and_only_their_buttons(
     home, tiny_models, clf_data, monkeypatch
 ):
-    import subprocess
-    import sys
-    import textwrap
-
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
     from engine.auth import UserStore
-    from tests.conftest import REPO
     from tests.test_auth_page import PASSWORD, _log_in
 
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
@@ -282,50 +297,46 @@ def test_page_shows_a_user_their_jobs_their_place_in_line_and_only_their_buttons
         held = jobs.submit(
             clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="held"), False
         )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(HOLDER), str(home), held.id],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
     try:
-        assert holder.stdout.readline().strip() == "holding"
-        with acting_as(ANA):
-            mine = jobs.submit(
-                clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ana")
-            )
-        with acting_as(BEN):
-            theirs = jobs.submit(
-                clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ben")
-            )
-        assert (mine.position, theirs.position) == (1, 2)
+        with lane_held(home, held.id):
+            with acting_as(ANA):
+                mine = jobs.submit(
+                    clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ana")
+                )
+            with acting_as(BEN):
+                theirs = jobs.submit(
+                    clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="page-ben")
+                )
+            assert (mine.position, theirs.position) == (1, 2)
 
-        st.cache_resource.clear()
-        at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
-        _log_in(at, "ana", PASSWORD)
-        at.switch_page("../pages/finetune.py").run()
-        assert not at.exception, at.exception
-        assert at.selectbox(key="ft_job").options == [f"{mine.id} · page-ana · queued: 1st in line"]
-        assert any("**queued: 1st in line**" in m.value for m in at.markdown)
-        keys = {b.key for b in at.button}
-        assert f"cancel_{mine.id}" in keys and f"cancel_{theirs.id}" not in keys
-        at.button(key=f"cancel_{mine.id}").click().run()  # leaves the line
-        assert not at.exception, at.exception
-        assert any("**cancelled**" in m.value for m in at.markdown)
-        assert f"resume_{mine.id}" in {b.key for b in at.button}
+            st.cache_resource.clear()
+            at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
+            _log_in(at, "ana", PASSWORD)
+            at.switch_page("../pages/finetune.py").run()
+            assert not at.exception, at.exception
+            assert at.selectbox(key="ft_job").options == [
+                f"{mine.id} · page-ana · queued: 1st in line"
+            ]
+            assert any("**queued: 1st in line**" in m.value for m in at.markdown)
+            keys = {b.key for b in at.button}
+            assert f"cancel_{mine.id}" in keys and f"cancel_{theirs.id}" not in keys
+            at.button(key=f"cancel_{mine.id}").click().run()  # leaves the line
+            assert not at.exception, at.exception
+            assert any("**cancelled**" in m.value for m in at.markdown)
+            assert f"resume_{mine.id}" in {b.key for b in at.button}
 
-        st.cache_resource.clear()
-        at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
-        _log_in(at, "ida", PASSWORD)
-        at.switch_page("../pages/finetune.py").run()
-        assert not at.exception, at.exception
-        options = at.selectbox(key="ft_job").options
-        assert options[0] == f"{theirs.id} · page-ben · queued: 1st in line"  # ben moved up
-        assert {o.split(" · ")[0] for o in options} == {held.id, mine.id, theirs.id}
-        assert any("by ben" in m.value for m in at.markdown)
-        keys = {b.key for b in at.button}  # instructors read every job, control none of these
-        assert not {k for k in keys if k and k.startswith(("cancel_", "resume_"))}, keys
+            st.cache_resource.clear()
+            at = AppTest.from_file("../workbench/app.py", default_timeout=120).run()
+            _log_in(at, "ida", PASSWORD)
+            at.switch_page("../pages/finetune.py").run()
+            assert not at.exception, at.exception
+            options = at.selectbox(key="ft_job").options
+            assert options[0] == f"{theirs.id} · page-ben · queued: 1st in line"  # ben moved up
+            assert {o.split(" · ")[0] for o in options} == {held.id, mine.id, theirs.id}
+            assert any("by ben" in m.value for m in at.markdown)
+            keys = {b.key for b in at.button}  # instructors read every job, control none of these
+            assert not {k for k in keys if k and k.startswith(("cancel_", "resume_"))}, keys
     finally:
-        holder.kill()
-        holder.wait(10)
         with acting_as(ADMIN):
             jobs.cancel(theirs.id)  # nothing left to start once the slot frees
         st.cache_resource.clear()
@@ -334,11 +345,6 @@ def test_page_shows_a_user_their_jobs_their_place_in_line_and_only_their_buttons
 def test_cli_status_shows_the_place_in_line_and_max_jobs_opens_slots(
     home, tiny_models, clf_data, monkeypatch, capsys
 ):
-    import subprocess
-    import sys
-    import textwrap
-
-    from tests.conftest import REPO
     from workbench.cli import main as cli
 
     monkeypatch.setenv("WORKBENCH_HOME", str(home))
@@ -346,12 +352,7 @@ def test_cli_status_shows_the_place_in_line_and_max_jobs_opens_slots(
     held = jobs.submit(
         clf_spec(stored_base(home, tiny_models["classifier"]), clf_data, out="held"), False
     )
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(HOLDER), str(home), held.id],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with lane_held(home, held.id):
         args = ["finetune", "--base", str(tiny_models["classifier"]), "--task", "classification",
                 "--data", str(clf_data), "--out", "cli-queued", "--no-wait", "--json"]  # fmt: skip
         assert cli(args) == 0
@@ -373,7 +374,4 @@ def test_cli_status_shows_the_place_in_line_and_max_jobs_opens_slots(
         assert started.position is None and started.active  # took the new slot at once
         jobs.cancel(queued["id"])
         assert jobs.wait(queued["id"], timeout_s=60).status == "cancelled"
-    finally:
-        holder.kill()
-        holder.wait(10)
     assert cli(["finetune", "--max-jobs", "0"]) == 0 and jobs.max_jobs() == 1
