@@ -45,7 +45,7 @@ from engine.generation.core import (
     prepare,
 )
 from engine.generation.decoding import Observer, TokenStep
-from engine.generation.paths import choose_decode_path, decoder_for
+from engine.generation.paths import choose_decode_path, decoder_for, generation_eos
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 
@@ -325,14 +325,6 @@ class _BatchObserver:
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def _generation_eos(loaded: LoadedModel) -> set[int]:
-    """The end-of-text ids ``generate`` itself stops on (its generation config's)."""
-    value = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-    if isinstance(value, int):
-        return {value}
-    return {int(v) for v in value or ()}
-
-
 def _decode_together(loaded: LoadedModel, rows: list[_Row]) -> None:
     """Greedy rows in one left-padded ``generate`` call."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -342,7 +334,7 @@ def _decode_together(loaded: LoadedModel, rows: list[_Row]) -> None:
     width = max(int(p.shape[0]) for p in prompts)
     pad = loaded.tokenizer.pad_token_id
     if pad is None:
-        pad = min(_generation_eos(loaded) or {0})
+        pad = min(generation_eos(loaded.model) or {0})
     input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, prompt in enumerate(prompts):
@@ -362,7 +354,7 @@ def _decode_together(loaded: LoadedModel, rows: list[_Row]) -> None:
         max_new_tokens=max(row.lead.settings.max_new_tokens for row in rows),
         logits_processor=LogitsProcessorList([recorder]),
         stopping_criteria=StoppingCriteriaList(
-            [_BatchObserver(rows, _generation_eos(loaded), on_end)]
+            [_BatchObserver(rows, generation_eos(loaded.model), on_end)]
         ),
     )
     decoder = decoder_for(loaded, rows[0].lead.path)

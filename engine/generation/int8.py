@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from engine.generation.lean import Linear, MakeLinear
+from engine.generation.lean import Linear, MakeLinear, float_linear
 
 __all__ = ["ALPHA", "Int8Linear", "int8_available", "int8_linears", "input_maxima"]
 
@@ -148,8 +148,6 @@ def pack_int8(
 def int8_linears(model: torch.nn.Module, tokenizer, errors: list[float]) -> MakeLinear:
     """A ``MakeLinear`` for ``LeanDecoder``: smoothed int8 products (calibrated once here);
     each product's weight error is appended to ``errors``."""
-    from engine.generation.lean import float_linear
-
     maxima = input_maxima(model, tokenizer)
 
     def make(role: str, layers: Sequence[torch.nn.Linear]) -> Int8Linear:

@@ -1,4 +1,4 @@
-"""A lean decode-only forward for Llama-family models: fused products, a static KV cache.
+"""A lean decode-only forward for Llama-family models: fewer operations, a static KV cache.
 
 At batch 1 on a CPU, transformers' Llama forward spends most of a decode step outside the
 matrix products: cache objects, mask building, RoPE recomputed per layer, one product per
@@ -8,7 +8,8 @@ projection. ``LeanDecoder`` computes the same function with fewer operations:
 - RoPE cos/sin come from the model's own rotary module, computed once for every position;
 - keys and values are written in place into a cache allocated once per generation;
 - each product is a ``Linear`` callable chosen by the decode path (``engine.generation.paths``):
-  float32 (``F.linear``), or int8 (``engine.generation.int8``).
+  the layers' own float weights (``float_linear``, ``x @ W^T``), or int8
+  (``engine.generation.int8``).
 
 Its logits equal the reference model's to float32 rounding (tests/test_decode_paths.py). The
 reference model is never modified: attention, attribution and fine-tuning still run it.

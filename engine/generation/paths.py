@@ -41,6 +41,7 @@ __all__ = [
     "Decoder",
     "choose_decode_path",
     "decoder_for",
+    "generation_eos",
     "requested_path",
 ]
 
@@ -102,10 +103,11 @@ class Decoder:
         """``model.generate(**kwargs)`` on this path; returns the ids (B, T + new)."""
         if self.lean is None:
             return self.model.generate(**kwargs)
-        return _lean_generate(self.lean, _eos(self.model), **kwargs)
+        return _lean_generate(self.lean, generation_eos(self.model), **kwargs)
 
 
-def _eos(model: torch.nn.Module) -> set[int]:
+def generation_eos(model: torch.nn.Module) -> set[int]:
+    """The end-of-text ids ``generate`` itself stops on (the model's generation config's)."""
     value = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(value, int):
         return {value}
@@ -172,12 +174,12 @@ def _build(loaded, name: str) -> Decoder:
     return Decoder(model, DecodePath("int8", detail), lean)
 
 
-def decoder_for(loaded, override: str | None = None) -> Decoder:
-    """The ``Decoder`` for a ``LoadedModel``'s generations (built once per path, then kept).
+def decoder_for(loaded, name: str) -> Decoder:
+    """The ``Decoder`` of path ``name`` (as ``choose_decode_path`` chose it) for a
+    ``LoadedModel``'s generations: built once per path, then kept.
 
-    Call holding the model's grant (building packs weights: seconds for 135 M parameters).
+    Call holding the model's grant (building the int8 path calibrates and packs weights).
     """
-    name = choose_decode_path(loaded.model, loaded.kind, override)
     decoder = loaded.decoders.get(name)
     if decoder is None:
         decoder = loaded.decoders[name] = _build(loaded, name)
