@@ -10,6 +10,7 @@ import torch
 from engine import runs
 from engine.access import check_limit
 from engine.errors import InputError
+from engine.generation.core import context_length
 from engine.manager import LoadedModel
 from engine.provenance import Provenance
 from engine.results import Result
@@ -39,10 +40,7 @@ def labels_of(loaded: LoadedModel) -> list[str]:
 
 def model_positions(loaded: LoadedModel, max_length: int) -> int:
     """``max_length`` capped at the positions the model has (longer input would crash it)."""
-    positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0 and isinstance(max_length, int):
-        return min(max_length, positions)
-    return max_length
+    return min(max_length, context_length(loaded)) if isinstance(max_length, int) else max_length
 
 
 def start_classification(
