@@ -292,9 +292,13 @@ def set_limits(limits: dict[Role, Limits] | None) -> None:
 def check_limit(value: int, limit: int, what: str, unit: str) -> None:
     """``LimitError`` when ``value`` exceeds ``limit``: "... at most N unit for a ROLE"."""
     if value > limit:
-        role = current_user().role
-        article = "an" if role[0] in "aeiou" else "a"
         raise LimitError(
-            f"{what} is {value:,} {unit}; {article} {role} may use at most {limit:,} {unit} "
+            f"{what} is {value:,} {unit}; {acting_role()} may use at most {limit:,} {unit} "
             "(limits.toml sets this)."
         )
+
+
+def acting_role() -> str:
+    """The acting user's role with its article, for messages: "a student", "an admin"."""
+    role = current_user().role
+    return f"{'an' if role[0] in 'aeiou' else 'a'} {role}"

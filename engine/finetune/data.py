@@ -438,11 +438,9 @@ def check_upload_size(size: int, name: str) -> None:
         return
     limit = limits.upload_bytes
     if size > limit:
-        role = access.current_user().role
-        article = "an" if role[0] in "aeiou" else "a"
         raise access.LimitError(
-            f"{safe_name(name)} is {size / 2**20:.1f} MiB; {article} {role} may upload at most "
-            f"{limit / 2**20:.1f} MiB (limits.toml sets this): use a smaller file."
+            f"{safe_name(name)} is {size / 2**20:.1f} MiB; {access.acting_role()} may upload at "
+            f"most {limit / 2**20:.1f} MiB (limits.toml sets this): use a smaller file."
         )
 
 
