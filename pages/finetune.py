@@ -100,7 +100,7 @@ def monitor(job_id: str, task: str, title: str) -> None:
         status, "⏳"
     )
     controls = access.may_control(info.owner)  # Cancel / Resume only for the owner or an admin
-    by = "" if info.owner == access.current_user().name else f" · by {info.owner}"
+    by = "" if info.owner == ui.user_name() else f" · by {info.owner}"
     st.markdown(f"{icon} **{info.status_label}** · job `{job_id}` · {title}{by}")
     running = not snap.finished
     if progress.total_steps:

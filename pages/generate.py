@@ -11,7 +11,6 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from engine import access
 from engine.html import text_html
 from workbench import renderers, ui
 
@@ -270,7 +269,7 @@ with tab_eval:
 
 with tab_compare:
     options = [e.name for e in wb.catalog() if e.kind in GENERATIVE_KINDS]
-    if access.can("models.manage"):  # "Other models" (folders, hub ids) are admins' only
+    if ui.can("models.manage"):  # "Other models" (folders, hub ids) are admins' only
         options += [
             m.name for m in wb.loaded() if m.kind in GENERATIVE_KINDS and m.name not in options
         ]
