@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from engine.generation import GenerationSettings
+from engine.generation.paths import DECODE_PATHS
 from workbench.cli.common import open_workbench, print_json, progress_printer
 
 
@@ -104,7 +105,7 @@ def register(sub) -> None:
     )
     parser.add_argument(
         "--decode",
-        choices=("auto", "reference", "lean", "int8"),
+        choices=("auto", *DECODE_PATHS),
         default="auto",
         help="decode path (default: $WORKBENCH_DECODE, else the measured default, lean on CPU)",
     )
