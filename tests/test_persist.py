@@ -59,8 +59,7 @@ def test_settings_and_the_result_survive_a_reload(env, tiny_models):
     while "gen_result" not in at.session_state and time.monotonic() < deadline:
         time.sleep(0.05)
         at.run()
-    text = at.session_state["gen_result"].text
-    at.run()  # the run after the result saves it
+    text = at.session_state["gen_result"].text  # collected by the page's last run: saved
     reloaded = fresh(tiny_models, token)  # a new session, same URL
     reloaded.run()
     assert reloaded.number_input(key="gen_max_new_tokens").value == 5

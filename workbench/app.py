@@ -90,4 +90,7 @@ with access.acting_as(user):
     st.sidebar.markdown("### :material/science: LLMOS Workbench")
     login.sidebar(user)
     ui.model_picker()
-    navigation.run()
+    try:
+        navigation.run()
+    finally:  # also when the page stops or reruns: what it collected is saved for a reload
+        persist.save(workbench_home())

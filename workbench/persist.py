@@ -115,6 +115,18 @@ def keep(home: Path) -> None:
     _save(path)
 
 
+def save(home: Path) -> None:
+    """Save the kept values and results as they stand at the end of a script run: a result
+    collected by the last run of a page (nothing reruns after it) must reach the file too."""
+    from engine import access
+
+    try:
+        user = access.current_user().name
+    except access.AccessError:
+        return
+    _save(_path(home, _token(), user))
+
+
 def _restore(home: Path, path: Path) -> None:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
